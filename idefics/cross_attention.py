@@ -1,0 +1,90 @@
+"""Gated cross-attention (Flamingo's "gated xattn-dense" block, IDEFICS flavour).
+
+Text tokens attend to the image latents of the most recent preceding image. The block is added before every
+`cross_layer_interval`-th decoder layer and is the identity at initialisation (tanh(0) = 0), so training starts
+from the unchanged language model. Tokens that see no image get a zero attention output (the dense sub-block
+still runs for them). Image keys/values do not depend on the text, so generation computes them once per prompt
+(`project_images`) and reuses them at every step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import RMSNorm, SwiGLU
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, image_dim: int, heads: int, qk_norms: bool, eps: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(image_dim, dim, bias=False)
+        self.v_proj = nn.Linear(image_dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.qk_norms = qk_norms
+        if qk_norms:
+            self.q_layer_norm = RMSNorm(self.head_dim, eps)
+            self.k_layer_norm = RMSNorm(self.head_dim, eps)
+
+    def project_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, image_dim] image latents → keys, values [B, heads, L, head_dim]."""
+        b, n, _ = images.shape
+        k = self.k_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        if self.qk_norms:
+            k = self.k_layer_norm(k)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        if self.qk_norms:
+            q = self.q_layer_norm(q)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GatedCrossAttentionLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, image_dim: int, heads: int, qk_norms: bool, eps: float,
+                 alpha_type: str = "float", alpha_initializer: str = "zeros", alpha_std: float = 0.0) -> None:
+        super().__init__()
+        self.cross_attn = CrossAttention(dim, image_dim, heads, qk_norms, eps)
+        self.mlp = SwiGLU(dim, hidden)
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        shape = (1,) if alpha_type == "float" else (1, 1, dim)
+        self.alpha_cross_attn = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
+        self.alpha_dense = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                gate: torch.Tensor | None) -> torch.Tensor:
+        """`mask`: additive [B, 1, T, L]; `gate`: [B, T], 1 where the token sees an image.
+        `kv` None means no token sees an image: the attention output is zero for all of them."""
+        if kv is not None:
+            attn = self.cross_attn(self.input_layernorm(x), kv, mask)
+            attn = attn.masked_fill((gate == 0)[:, :, None], 0.0)
+            x = x + torch.tanh(self.alpha_cross_attn) * attn
+        return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
+
+
+def init_alpha(shape: tuple[int, ...], how: str, std: float) -> torch.Tensor:
+    if how == "zeros":
+        return torch.zeros(shape)
+    if how == "ones":
+        return torch.ones(shape)
+    if how in ("normal", "gaussian", "random"):
+        return torch.randn(shape) * std
+    raise ValueError(f"unknown alpha_initializer {how!r} (zeros, ones, normal)")
+
+
+def image_mask_to_additive(image_attention_mask: torch.Tensor, latents_per_image: int,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, N] 0/1 image mask → additive [B, 1, T, N*L] mask (finfo.min where not attended, as the
+    reference) and the [B, T] gate (1 where the token attends to at least one image)."""
+    b, t, n = image_attention_mask.shape
+    visible = image_attention_mask.bool()[..., None].expand(b, t, n, latents_per_image).reshape(b, t, n * latents_per_image)
+    additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    additive.masked_fill_(~visible, torch.finfo(dtype).min)
+    return additive[:, None], visible.any(-1).to(dtype)

@@ -1,0 +1,31 @@
+"""Training data: the WebDataset sample schema, shard reader/writer, source mixtures and the synthetic
+idefics-mini data set. See docs/data_format.md."""
+
+from idefics.data.mixture import Mixture, Source
+from idefics.data.shards import (
+    DataError,
+    Sample,
+    ShardReader,
+    ShardWriter,
+    Turn,
+    assign_shards,
+    decode_sample,
+    encode_sample,
+    expand_shards,
+    validate_sample,
+)
+
+__all__ = [
+    "DataError",
+    "Mixture",
+    "Sample",
+    "ShardReader",
+    "ShardWriter",
+    "Source",
+    "Turn",
+    "assign_shards",
+    "decode_sample",
+    "encode_sample",
+    "expand_shards",
+    "validate_sample",
+]

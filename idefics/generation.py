@@ -1,0 +1,172 @@
+"""Autoregressive decoding with the two caches: self-attention keys/values (preallocated) and the image
+keys/values of every cross-attention layer (computed once at prefill). The vision encoder and perceiver run
+once per prompt.
+
+Logit processing follows the reference order: repetition penalty → banned tokens → temperature → top-k →
+top-p. Rows of a batch stop independently (stop token ids, stop sequences, or `max_new_tokens`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .model import Idefics
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 50
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_sequences: list[str] = field(default_factory=list)
+    banned_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            problems.append(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class Step:
+    """One decoding step: the token chosen for every row (pad for rows already finished)."""
+
+    tokens: torch.Tensor  # [B]
+    logprobs: torch.Tensor  # [B] log-probability of the chosen token under the model
+    active: torch.Tensor  # [B] bool: rows that produced a real token this step
+    finished: torch.Tensor  # [B] bool: rows that are done after this step
+    reasons: list[str | None]  # per row: "length" | "eos_token" | "stop_sequence" once finished
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """[B, V] float32 logits → processed scores (the model's distribution after penalties and warping)."""
+    scores = logits.clone()
+    if params.repetition_penalty != 1.0:
+        picked = scores.gather(1, seen)
+        picked = torch.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
+        scores.scatter_(1, seen, picked)
+    if params.banned_token_ids:
+        scores[:, params.banned_token_ids] = float("-inf")
+    if not params.do_sample:
+        return scores
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= (1 - params.top_p)
+        remove[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores
+
+
+def choose(scores: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> torch.Tensor:
+    if not params.do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def decode(model: Idefics, inputs: dict[str, torch.Tensor], params: GenerationParams, pad_token_id: int,
+           detokenize=None) -> Iterator[Step]:
+    """Yield one `Step` per generated position until every row has stopped. `detokenize(ids) -> str` is
+    needed only for stop sequences."""
+    params.validate()
+    device = model.device
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    b, t = input_ids.shape
+    limit = model.config.max_position_embeddings
+    if t + params.max_new_tokens > limit:
+        raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    image_mask = inputs.get("image_attention_mask")
+    pixel_values = inputs.get("pixel_values")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    cache = model.new_cache(b, t + params.max_new_tokens)
+    out = model(input_ids, attention_mask,
+                pixel_values=None if pixel_values is None else pixel_values.to(device, model.dtype),
+                image_attention_mask=None if image_mask is None else image_mask.to(device),
+                image_hidden_states=inputs.get("image_hidden_states"), cache=cache, logits_to_keep=1)
+    # New tokens attend to the image the last prompt token attends to (as the reference does).
+    step_image_mask = None if image_mask is None else image_mask[:, -1:].to(device)
+    seen = input_ids
+    generated: list[list[int]] = [[] for _ in range(b)]
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    for step in range(params.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        scores = process_logits(logits, seen, params)
+        tokens = choose(scores, params, generator)
+        logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        active = ~finished
+        tokens = torch.where(active, tokens, torch.full_like(tokens, pad_token_id))
+        reasons: list[str | None] = [None] * b
+        hit_stop = torch.isin(tokens, stop_ids) & active
+        for row in range(b):
+            if not active[row]:
+                continue
+            generated[row].append(int(tokens[row]))
+            if hit_stop[row]:
+                reasons[row] = "eos_token"
+            elif params.stop_sequences and detokenize is not None:
+                text = detokenize(generated[row])
+                if any(s and s in text for s in params.stop_sequences):
+                    reasons[row] = "stop_sequence"
+            if reasons[row] is None and step == params.max_new_tokens - 1:
+                reasons[row] = "length"
+        finished = finished | torch.tensor([r is not None for r in reasons], device=device)
+        yield Step(tokens, logprobs, active, finished.clone(), reasons)
+        if bool(finished.all()):
+            return
+        seen = torch.cat([seen, tokens[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=attention_mask.dtype, device=device)], 1)
+        out = model(tokens[:, None], attention_mask, image_attention_mask=step_image_mask, cache=cache,
+                    logits_to_keep=1)
+
+
+class TextStream:
+    """Incremental detokenisation: feed token ids, get the new text. Text ending in an incomplete UTF-8
+    sequence is held back until the next token completes it."""
+
+    def __init__(self, detokenize) -> None:
+        self.detokenize = detokenize
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.detokenize(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.detokenize(self.ids)
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece

@@ -1,0 +1,70 @@
+"""The LLaMA decoder block (self-attention with RoPE and optional grouped-query attention, SwiGLU MLP),
+with keys as in Hugging Face checkpoints: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
+`input_layernorm`, `post_attention_layernorm`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, heads: int, kv_heads: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads, kv_heads)
+        self.mlp = SwiGLU(dim, hidden)
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor | None:
+    """Boolean [B, 1, T, S] mask: query t (the last T of S positions) sees keys s <= its own position that are
+    not padding. Padding queries see themselves only, so no row is empty (an empty row would give NaN).
+    Returns None when plain causal attention over all keys is exact (no padding, single query)."""
+    b, s = attention_mask.shape
+    key_ok = attention_mask.bool()
+    if query_len == 1 and bool(key_ok.all()):
+        return None
+    q_pos = torch.arange(s - query_len, s, device=attention_mask.device)
+    k_pos = torch.arange(s, device=attention_mask.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]  # [B, T, S]
+    allowed |= (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only (left padding shifts nothing); padding slots get position 1,
+    as in the reference."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)

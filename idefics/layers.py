@@ -1,0 +1,124 @@
+"""Building blocks shared by the decoders: RMSNorm, rotary embeddings, SwiGLU MLP, the KV cache,
+and the decoupled embedding / output layers that add new tokens next to a frozen vocabulary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm. Statistics in float32; cast to the weight's dtype only when that is half precision
+    (as the reference does, so bf16 results match bit for bit)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for LLaMA's rotate-half RoPE, computed in float32 for the given positions."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta ** exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated self-attention keys/values for every layer: [layers, B, kv_heads, max_len, head_dim].
+    `length` is the number of positions written so far (the same for every row: rows are left-padded)."""
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (n_layers, batch, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only some batch rows (finished rows leave the batch)."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+
+
+class DecoupledEmbedding(nn.Module):
+    """A frozen-vocabulary embedding plus `additional_embedding` rows for new tokens (ids >= vocab_size)."""
+
+    def __init__(self, vocab_size: int, additional: int, dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.padding_idx = padding_idx
+        self.additional_embedding = nn.Embedding(additional, dim) if additional > 0 else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.additional_embedding is None:
+            return F.embedding(ids, self.weight)
+        is_new = ids >= self.vocab_size
+        out = F.embedding(torch.where(is_new, 0, ids), self.weight)
+        if is_new.any():
+            out[is_new] = self.additional_embedding(ids[is_new] - self.vocab_size).to(out.dtype)
+        return out
+
+
+class DecoupledLinear(nn.Module):
+    """Output layer whose logits are [vocabulary logits, additional-token logits]."""
+
+    def __init__(self, dim: int, vocab_size: int, additional: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.additional_fc = nn.Linear(dim, additional, bias=False) if additional > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        if self.additional_fc is None:
+            return logits
+        return torch.cat([logits, self.additional_fc(x)], dim=-1)
