@@ -100,19 +100,14 @@ def decode(model: Idefics, inputs: dict[str, torch.Tensor], params: GenerationPa
     if t + params.max_new_tokens > limit:
         raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({limit})")
-    image_mask = inputs.get("image_attention_mask")
-    pixel_values = inputs.get("pixel_values")
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
     cache = model.new_cache(b, t + params.max_new_tokens)
-    out = model(input_ids, attention_mask,
-                pixel_values=None if pixel_values is None else pixel_values.to(device, model.dtype),
-                image_attention_mask=None if image_mask is None else image_mask.to(device),
-                image_hidden_states=inputs.get("image_hidden_states"), cache=cache, logits_to_keep=1)
-    # New tokens attend to the image the last prompt token attends to (as the reference does).
-    step_image_mask = None if image_mask is None else image_mask[:, -1:].to(device)
+    extra = model.prefill_inputs(inputs)
+    out = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **extra)
+    step_extra = model.step_inputs(extra)
     seen = input_ids
     generated: list[list[int]] = [[] for _ in range(b)]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -144,8 +139,7 @@ def decode(model: Idefics, inputs: dict[str, torch.Tensor], params: GenerationPa
             return
         seen = torch.cat([seen, tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=attention_mask.dtype, device=device)], 1)
-        out = model(tokens[:, None], attention_mask, image_attention_mask=step_image_mask, cache=cache,
-                    logits_to_keep=1)
+        out = model(tokens[:, None], attention_mask, cache=cache, logits_to_keep=1, **step_extra)
 
 
 class TextStream:

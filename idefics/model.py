@@ -171,6 +171,21 @@ class Idefics(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    def prefill_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The processor outputs the first forward of generation needs, on the model's device and dtype."""
+        out = {}
+        for key in ("pixel_values", "image_attention_mask", "image_hidden_states"):
+            if inputs.get(key) is not None:
+                value = inputs[key].to(self.device)
+                out[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return out
+
+    def step_inputs(self, prefill: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What each decoding step needs besides the new token: new tokens attend to the image the last
+        prompt token attends to (as the reference does); image keys/values come from the cache."""
+        mask = prefill.get("image_attention_mask")
+        return {} if mask is None else {"image_attention_mask": mask[:, -1:]}
+
     def new_cache(self, batch: int, max_len: int) -> DecodeCache:
         c = self.config
         return DecodeCache(KVCache(c.num_hidden_layers, batch, c.kv_heads, max_len, c.head_dim, self.dtype, self.device))
