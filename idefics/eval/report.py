@@ -122,6 +122,9 @@ def plot_score_vs_shots(results: Sequence[EvalResult], path: str | Path) -> Path
 
 def write_report(results: Sequence[EvalResult], out_dir: str | Path, stem: str = "results") -> dict[str, Path]:
     """results.json, results.md and results.png in `out_dir`."""
+    _check(results)
+    if not results:
+        raise ValueError("no results to report")
     out_dir = Path(out_dir)
     return {
         "json": write_results_json(results, out_dir / f"{stem}.json"),
