@@ -170,7 +170,7 @@ def test_image_folder_with_class_list(tmp_path):
     (root / "n02" / "notes.txt").write_text("not an image")
     classes = tmp_path / "classes.txt"
     classes.write_text("# wnid name\nn01 tench\n\nn02\tgoldfish, Carassius auratus\n")
-    split = load_task_split("imagenet", annotations="", images=root, class_list=classes)
+    split = load_task_split("imagenet", images=root, class_list=classes)
     assert split.class_names == ("tench", "goldfish, Carassius auratus")
     assert [(s.id, s.label) for s in split] == [("n01/x1.JPEG", "tench"), ("n01/x2.jpeg", "tench"),
                                                 ("n02/y.png", "goldfish, Carassius auratus")]
@@ -194,7 +194,7 @@ def test_image_folder_bad_class_list(tmp_path):
 
 def test_rendered_sst2_folders(tmp_path):
     make_image(tmp_path / "test" / "positive" / "0.png"), make_image(tmp_path / "test" / "negative" / "1.png")
-    split = load_task_split("rendered_sst2", annotations="", images=tmp_path / "test")
+    split = load_task_split("rendered_sst2", images=tmp_path / "test")
     assert split.class_names == ("negative", "positive")
     assert [(s.id, s.label) for s in split] == [("negative/1.png", "negative"), ("positive/0.png", "positive")]
 
@@ -226,6 +226,17 @@ def test_on_error_must_be_known(vqa_files):
         load_vqa(*vqa_files, on_error="ignore")
     with pytest.raises(ValueError, match="unknown task 'vqa3'"):
         get_task("vqa3")
+    with pytest.raises(ValueError, match="'coco' needs an annotation file"):
+        load_task_split("coco", images=vqa_files[2])
+
+
+def test_vqa_duplicate_annotation_is_reported(vqa_files):
+    questions, annotations, images = vqa_files
+    data = json.loads(annotations.read_text())
+    data["annotations"].append(dict(data["annotations"][0]))
+    write_json(annotations, data)
+    with pytest.raises(AnnotationError, match=r"annotations\[3\]: duplicate question_id 30 \(first at annotations\[0\]\)"):
+        load_vqa(questions, annotations, images)
 
 
 def test_score_vqa_postprocesses_generations(vqa_files):

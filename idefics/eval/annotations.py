@@ -163,6 +163,8 @@ def load_vqa(
         by_qid = {}
         for j, ann in enumerate(_list_under(read_json(afile), "annotations", afile)):
             why = _require(ann, {"question_id": (int, str)})
+            if why is None and ann["question_id"] in by_qid:
+                why = f"duplicate question_id {ann['question_id']!r} (first at annotations[{by_qid[ann['question_id']][0]}])"
             if why:
                 problem(f"{afile}: annotations[{j}]", why)
                 continue
@@ -172,7 +174,10 @@ def load_vqa(
     for i, q in enumerate(questions):
         where = f"{questions_file}: {qkey}[{i}]"
         image_key = "image" if isinstance(q, dict) and "image" in q and "image_id" not in q else "image_id"
-        why = _require(q, {"question": str, image_key: (int, str)})
+        required = {"question": str, image_key: (int, str)}
+        if by_qid is not None:
+            required["question_id"] = (int, str)  # the key that links a question to its answers
+        why = _require(q, required)
         if why:
             problem(where, why)
             continue

@@ -137,8 +137,8 @@ def get_task(name: str) -> TaskSpec:
 def load_task_split(
     task: str | TaskSpec,
     *,
-    annotations: str | Path,
     images: str | Path,
+    annotations: str | Path | None = None,
     questions: str | Path | None = None,
     split: str = "test",
     class_list: str | Path | None = None,
@@ -154,6 +154,8 @@ def load_task_split(
     hateful_memes: `annotations` is the jsonl, `images` the folder the "img" paths are relative to.
     """
     spec = get_task(task) if isinstance(task, str) else task
+    if annotations is None and (spec.family != "classification" or spec.name == "hateful_memes"):
+        raise ValueError(f"task {spec.name!r} needs an annotation file (annotations=...)")
     if spec.family == "vqa":
         if questions is None:
             return load_vqa(annotations, None, images, spec.vqa_image_name, on_error=on_error,
