@@ -60,7 +60,7 @@ def draw_scene(objects: list[dict], background: str, rng: random.Random) -> tupl
     placed = []
     for obj in objects:
         row, col = divmod(POSITIONS.index(obj["position"]), 3)
-        r = rng.randint(14, 24)
+        r = rng.randint(16, 28)
         margin = r + 3  # keep every shape inside its own cell
         cx = round(col * cell + margin + rng.random() * (cell - 2 * margin))
         cy = round(row * cell + margin + rng.random() * (cell - 2 * margin))
