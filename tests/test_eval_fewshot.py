@@ -59,7 +59,8 @@ def test_vqa_zero_shot_string_has_only_the_query_image():
 def test_caption_zero_shot_string_strips_the_demo_caption():
     demos = [caption(1, "A red bus. "), caption(2, "Two dogs playing.")]
     prompt = build_prompt(caption(3, "unused"), demos, CAPTION_TEMPLATE, demo_images=False)
-    assert render_prompt(prompt) == "Output:A red bus.<|endofchunk|>\nOutput:Two dogs playing.<|endofchunk|>\n<image>Output:"
+    assert render_prompt(prompt) == (
+        "Output:A red bus.<|endofchunk|>\nOutput:Two dogs playing.<|endofchunk|>\n<image>Output:")
 
 
 def test_hateful_memes_two_shot_string_has_no_newlines():
@@ -147,7 +148,8 @@ def test_fewshot_prompt_bad_arguments():
 def test_rices_reference_vector():
     # Cosine similarities [0.1, 0.9, 0.5, 0.7] to the query, k=3 -> top-k [1, 3, 2] -> order [2, 3, 1].
     sims = torch.tensor([0.1, 0.9, 0.5, 0.7])
-    support = torch.stack([sims, (1 - sims**2).sqrt(), torch.zeros(4)], dim=1) * torch.tensor([[3.0], [0.5], [7.0], [1.0]])
+    lengths = torch.tensor([[3.0], [0.5], [7.0], [1.0]])  # cosine similarity must ignore the lengths
+    support = torch.stack([sims, (1 - sims**2).sqrt(), torch.zeros(4)], dim=1) * lengths
     query = torch.tensor([2.0, 0.0, 0.0])
     rices = RICES(support)
     assert rices.similarities(query)[0].tolist() == pytest.approx(sims.tolist(), abs=1e-6)
@@ -201,4 +203,5 @@ def test_rices_bad_input():
 def test_classification_demos_use_labels():
     demos = [Sample("d1", Path("d1.png"), {}, (), "tench"), Sample("d2", Path("d2.png"), {}, (), "goldfish")]
     prompt = build_prompt(Sample("q", Path("q.png"), {}, (), "shark"), demos, CLASSIFICATION_TEMPLATE)
-    assert render_prompt(prompt) == "<image>Output:tench<|endofchunk|><image>Output:goldfish<|endofchunk|><image>Output:"
+    assert render_prompt(prompt) == (
+        "<image>Output:tench<|endofchunk|><image>Output:goldfish<|endofchunk|><image>Output:")

@@ -235,7 +235,8 @@ def test_vqa_duplicate_annotation_is_reported(vqa_files):
     data = json.loads(annotations.read_text())
     data["annotations"].append(dict(data["annotations"][0]))
     write_json(annotations, data)
-    with pytest.raises(AnnotationError, match=r"annotations\[3\]: duplicate question_id 30 \(first at annotations\[0\]\)"):
+    want = r"annotations\[3\]: duplicate question_id 30 \(first at annotations\[0\]\)"
+    with pytest.raises(AnnotationError, match=want):
         load_vqa(questions, annotations, images)
 
 

@@ -156,7 +156,7 @@ def load_vqa(
     data = read_json(questions_file)
     if annotations_file is None:
         questions = data if isinstance(data, list) else _list_under(data, "data", questions_file)
-        qkey, by_qid, afile = "data", None, questions_file
+        qkey, by_qid, afile = ("" if isinstance(data, list) else "data"), None, questions_file
     else:
         questions, qkey = _list_under(data, "questions", questions_file), "questions"
         afile = Path(annotations_file)
@@ -164,7 +164,8 @@ def load_vqa(
         for j, ann in enumerate(_list_under(read_json(afile), "annotations", afile)):
             why = _require(ann, {"question_id": (int, str)})
             if why is None and ann["question_id"] in by_qid:
-                why = f"duplicate question_id {ann['question_id']!r} (first at annotations[{by_qid[ann['question_id']][0]}])"
+                first = by_qid[ann["question_id"]][0]
+                why = f"duplicate question_id {ann['question_id']!r} (first at annotations[{first}])"
             if why:
                 problem(f"{afile}: annotations[{j}]", why)
                 continue

@@ -29,7 +29,9 @@ _NUMBER_WORDS = {
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+]
 # The keys with capitals (Im, Ive, Id've, I'dve) can never match because words are lower-cased first, and
 # "somebody'd" maps to "somebodyd" (a reversed entry): both are kept because the official scorer has them.
 _CONTRACTIONS = {
