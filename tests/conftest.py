@@ -1,0 +1,49 @@
+"""Shared fixtures: random-weight reference checkpoints (built once per test session) and test images."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """reference_checkpoint(name) -> (folder, transformers model in eval mode), cached per session."""
+    from reference_checkpoints import build_reference_checkpoint
+
+    built: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def get(name: str):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            built[name] = (folder, build_reference_checkpoint(folder, name))
+        return built[name]
+
+    return get
+
+
+def random_image(seed: int, size: tuple[int, int] = (50, 40), mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def images():
+    return [random_image(i, (40 + 13 * i, 50 - 5 * i)) for i in range(4)]
