@@ -48,17 +48,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def causal_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor | None:
+def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,
+                ) -> torch.Tensor | None:
     """Boolean [B, 1, T, S] mask: query t (the last T of S positions) sees keys s <= its own position that are
     not padding. Padding queries see themselves only, so no row is empty (an empty row would give NaN).
+    With `sliding_window` W (Mistral), keys more than W - 1 positions back are hidden too (t - W < s <= t).
     Returns None when plain causal attention over all keys is exact (no padding, single query)."""
     b, s = attention_mask.shape
     key_ok = attention_mask.bool()
-    if query_len == 1 and bool(key_ok.all()):
+    if query_len == 1 and bool(key_ok.all()) and (sliding_window is None or s <= sliding_window):
         return None
     q_pos = torch.arange(s - query_len, s, device=attention_mask.device)
     k_pos = torch.arange(s, device=attention_mask.device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]  # [B, T, S]
+    if sliding_window is not None:
+        allowed &= (k_pos[None, :] > q_pos[:, None] - sliding_window)[None]
     allowed |= (k_pos[None, :] == q_pos[:, None])[None]
     return allowed[:, None]
 
