@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from idefics.data import language as lang
 from idefics.data.render import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, draw_digit, draw_scene, draw_text
-from idefics.data.shards import Sample, ShardWriter, Turn
+from idefics.data.schema import Sample, Turn
+from idefics.data.shards import ShardWriter
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
