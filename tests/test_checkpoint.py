@@ -105,6 +105,10 @@ def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 base = rss()
 model = c.load_model(sys.argv[1], dtype=sys.argv[2])
+with torch.no_grad():  # touch every weight so mapped pages become resident
+    model(torch.ones(1, 8, dtype=torch.long))
+    for p in model.parameters():
+        p.sum()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(base, peak)
 """
@@ -112,7 +116,7 @@ print(base, peak)
 
 def test_peak_memory_close_to_checkpoint_size(tmp_path):
     """Build a ~190 MB float32 checkpoint; loading it (same dtype) maps the file instead of copying it, so the
-    process grows by about the checkpoint's size, not twice it."""
+    process grows by about the checkpoint's size (once every weight is touched), not twice it."""
     import subprocess
     import sys
 
@@ -130,4 +134,4 @@ def test_peak_memory_close_to_checkpoint_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "ckpt"), "float32"],
                          capture_output=True, text=True, check=True).stdout.split()
     base, peak = int(out[0]), int(out[1])
-    assert peak - base < 1.15 * size + 40e6, (peak - base) / 1e6
+    assert 0.8 * size < peak - base < 1.25 * size + 60e6, (peak - base) / 1e6
