@@ -104,26 +104,49 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = module.frequencies(device)
-    if getattr(model.config, "tie_word_embeddings", False):
+    if hasattr(model, "tie_weights"):  # models that know where their embedding lives (Idefics2)
+        model.tie_weights()
+    elif getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise CheckpointError(f"tensors left without values after loading: {', '.join(leftovers)}")
 
 
-def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               extra_tensors: dict[str, torch.Tensor] | None = None):
-    """Build an `Idefics` model from a checkpoint folder. `extra_tensors` supplies tensors that live outside
-    the folder (the frozen backbones of idefics-mini)."""
+def read_config(path: Path):
+    """The config class named by `model_type` in config.json: IDEFICS v1 ("idefics") or Idefics2."""
+    try:
+        model_type = json.loads(path.read_text()).get("model_type", "idefics")
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"cannot read model config {path}: {error}") from None
+    if model_type == "idefics2":
+        from .idefics2.config import Idefics2Config
+
+        return Idefics2Config.from_json(path)
+    return IdeficsConfig.from_json(path)
+
+
+def build_model(config) -> nn.Module:
+    if config.model_type == "idefics2":
+        from .idefics2.model import Idefics2
+
+        return Idefics2(config)
     from .model import Idefics
 
+    return Idefics(config)
+
+
+def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               extra_tensors: dict[str, torch.Tensor] | None = None):
+    """Build an `Idefics` or `Idefics2` model (per config.json `model_type`) from a checkpoint folder.
+    `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini)."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a checkpoint folder?)")
-    config = IdeficsConfig.from_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     target = resolve_dtype(dtype, DTYPES.get(config.torch_dtype or "", torch.float32))
     with torch.device("meta"):
-        model = Idefics(config)
+        model = build_model(config)
     tensors = {name: (load, shape) for name, load, shape in iter_tensors(safetensors_files(folder))}
     for name, tensor in (extra_tensors or {}).items():
         tensors.setdefault(name, (lambda t=tensor: t, list(tensor.shape)))
