@@ -63,8 +63,10 @@ class Pipeline:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate_detailed(self, prompts: Sequence[Any], add_end_of_utterance_token: bool | None = None,
-                          **kwargs: Any) -> list[Generation]:
-        inputs = self.processor(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
+                          images: Any = None, **kwargs: Any) -> list[Generation]:
+        """`images=` (Idefics2 only): prompts are then strings with `<image>` markers, as in its reference."""
+        image_kwargs = {} if images is None else {"images": images}
+        inputs = self.processor(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **image_kwargs)
         params = self.params(**kwargs)
         rows = inputs["input_ids"].shape[0]
         ids: list[list[int]] = [[] for _ in range(rows)]
@@ -87,12 +89,13 @@ class Pipeline:
         return [g.text for g in self.generate_detailed(prompts, max_new_tokens=max_new_tokens,
                                                        do_sample=do_sample, **kwargs)]
 
-    def stream(self, prompt: Sequence[Any], add_end_of_utterance_token: bool | None = None,
+    def stream(self, prompt: Sequence[Any], add_end_of_utterance_token: bool | None = None, images: Any = None,
                **kwargs: Any) -> Iterator[str]:
         """Text pieces of one prompt's continuation, as they are decoded."""
         if is_batch(prompt):
             raise ValueError("stream() takes one prompt (a list of items), not a batch")
-        inputs = self.processor(prompt, add_end_of_utterance_token=add_end_of_utterance_token)
+        image_kwargs = {} if images is None else {"images": images}
+        inputs = self.processor(prompt, add_end_of_utterance_token=add_end_of_utterance_token, **image_kwargs)
         text = TextStream(self.detokenize)
         for step in decode(self.model, inputs, self.params(**kwargs), self.tokenizer.pad_token_id, self.detokenize):
             if step.active[0]:
@@ -144,6 +147,12 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     extra = backbone_tensors(path)
     model = load_model(path, dtype=dtype, device=device, extra_tensors=extra)
     tokenizer = Tokenizer.from_folder(path)
+    if model.config.model_type == "idefics2":
+        from .idefics2.processor import Idefics2Processor
+
+        processor = Idefics2Processor.from_folder(path, tokenizer, model.config.image_seq_len, image_policy,
+                                                  max_length=model.config.max_position_embeddings)
+        return Pipeline(model, tokenizer, processor, name=path.name)
     images = ImageSettings.from_folder(path, model.config.vision_config.image_size)
     processor = Processor(tokenizer, images, image_policy, max_length=model.config.max_position_embeddings)
     return Pipeline(model, tokenizer, processor, name=path.name)
