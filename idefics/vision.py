@@ -129,7 +129,9 @@ def build_vision_encoder(config: VisionConfig) -> nn.Module:
     if config.model_type == "efficientnet_lite0":
         from .backbones.efficientnet import EfficientNetLite0
 
-        return EfficientNetEncoder(EfficientNetLite0())
+        net = EfficientNetLite0()
+        net.frozen = True  # BatchNorm keeps its ImageNet statistics even when the parent model trains
+        return EfficientNetEncoder(net)
     raise ValueError(f"unknown vision_config.model_type {config.model_type!r}")
 
 
