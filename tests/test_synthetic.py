@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_held_out_combinations_and_words_only_in_test(mini):
         assert not objects & combos and not texts & words
         all_text = " ".join(x for s in samples[split] for x in s.items + [c for t in s.turns for c in t.content]
                             if isinstance(x, str))
-        assert not any(f" {w} " in f" {all_text} " for w in words)
+        assert not [w for w in words if re.search(rf"\b{w}\b", all_text, re.IGNORECASE)]
     objects, texts = seen("test")
     assert objects & combos and texts & words
     assert manifest["splits"]["test"]["held_out_samples"] > 0 == manifest["splits"]["train"]["held_out_samples"]

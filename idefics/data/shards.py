@@ -175,6 +175,8 @@ class ShardReader(IterableDataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = expand_shards(shards)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size

@@ -179,8 +179,9 @@ def chat(ctx: SplitContext, rng: random.Random, key: str) -> Sample:
             image, meta = ctx.any_image(rng)
             content.append(image)
             metas.append(meta)
-        question_type, question, answer = lang.question(metas[-1], ctx.allowed_combos if ctx.split != "test"
-                                                        else ctx.all_combos, rng)
+        combos = ctx.all_combos if ctx.split == "test" else ctx.allowed_combos
+        question_type, question, answer = lang.question(metas[-1], combos, rng,
+                                                        captions=answer_format["name"] == "plain")
         instruction = answer_format["instruction"] if t == 0 else ""
         content.append(question + instruction)
         turns += [Turn("user", content), Turn("assistant", [answer_format["pattern"].format(x=answer)])]
@@ -296,7 +297,7 @@ The test split alone holds some colour-shape combinations and some words (listed
 images are split by index; no image appears in two splits. Every sample's meta holds its ground truth.
 
 examples:
-  idefics data make-mini data/mini                      # 23000 samples, ~135 MB, ~1 min on 2 cores
+  idefics data make-mini data/mini                      # 23000 samples, ~130 MB, ~1 min on 2 cores
   idefics data make-mini /tmp/tiny --n-train 200 --n-val 20 --n-test 20
   idefics data show data/mini/test/chat-00000.tar -n 3  # look at a few samples
 """
