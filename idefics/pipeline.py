@@ -84,8 +84,14 @@ class Pipeline:
                 for i, lp, r, n in zip(ids, logprobs, reasons, prompt_tokens)]
 
     def generate(self, prompts: Sequence[Any], max_new_tokens: int = 50, do_sample: bool = False,
-                 **kwargs: Any) -> list[str]:
-        """The new text of each prompt (one prompt or a batch)."""
+                 num_beams: int = 1, length_penalty: float = 1.0, **kwargs: Any) -> list[str]:
+        """The new text of each prompt (one prompt or a batch). `num_beams` > 1: beam search as transformers'
+        (`length_penalty`, `early_stopping`; stop sequences are applied after the search, see beam_search.py)."""
+        if num_beams > 1:
+            from .beam_search import beam_generate
+
+            return beam_generate(self, prompts, max_new_tokens, num_beams, length_penalty, do_sample=do_sample,
+                                 **kwargs)
         return [g.text for g in self.generate_detailed(prompts, max_new_tokens=max_new_tokens,
                                                        do_sample=do_sample, **kwargs)]
 
