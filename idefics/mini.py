@@ -22,7 +22,10 @@ def default_model_path() -> Path:
 def backbone_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
     """Tensors of the frozen backbones named in `config.json` under `idefics_backbones`, keyed as in the model
     (None for an ordinary checkpoint that holds all its tensors)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return None  # the loader reports the missing config
+    config = json.loads(path.read_text())
     sources = config.get("idefics_backbones")
     if not sources:
         return None

@@ -1,0 +1,36 @@
+"""The `idefics` command as a user runs it: a real subprocess, compared with the Python API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import idefics
+from conftest import random_image
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "idefics.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_streams_the_same_text_as_the_api(reference_checkpoint, tmp_path):
+    folder, _ = reference_checkpoint("small_instruct")
+    image = random_image(5)
+    image.save(tmp_path / "a.png")
+    result = run("generate", "--model", str(folder), "User:", f"image:{tmp_path / 'a.png'}", "What is it?",
+                 "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    expected = idefics.load(folder).generate(["User:", tmp_path / "a.png", "What is it?"], max_new_tokens=6)[0]
+    assert result.stdout == expected + "\n"
+
+
+def test_info_and_errors(reference_checkpoint, tmp_path):
+    folder, _ = reference_checkpoint("small_9b")
+    info = run("info", "--model", str(folder))
+    assert info.returncode == 0 and "cross-attention: 2 blocks, before every 4 layer(s)" in info.stdout
+    assert "<image>=501" in info.stdout
+    missing = run("generate", "--model", str(folder), f"image:{tmp_path / 'nope.png'}", "hi")
+    assert missing.returncode != 0 and "image file not found" in missing.stderr
+    bad_model = run("info", "--model", str(tmp_path))
+    assert bad_model.returncode == 2 and "no config.json" in bad_model.stderr
+    assert "image:" in run("generate", "--help").stdout
