@@ -75,6 +75,10 @@ class MistralConfig:
     sliding_window: int | None = 4096
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MistralConfig":
         data = dict(data)
@@ -138,7 +142,7 @@ class Idefics2Config:
         if t.hidden_size % t.num_attention_heads:
             problems.append(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads "
                             f"{t.num_attention_heads}")
-        elif t.head_dim is not None and t.head_dim != t.hidden_size // t.num_attention_heads:
+        elif t.head_dim != t.hidden_size // t.num_attention_heads:
             problems.append(f"text head_dim {t.head_dim} != hidden_size / num_attention_heads is not supported")
         if t.num_attention_heads % t.num_key_value_heads:
             problems.append(f"text num_attention_heads {t.num_attention_heads} is not a multiple of "
