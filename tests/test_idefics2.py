@@ -98,7 +98,7 @@ def build_reference_idefics2(folder: Path, splitting: bool, sliding_window: int 
 
 def noise_image(seed: int, width: int, height: int, mode: str = "RGB") -> Image.Image:
     array = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
-    return Image.fromarray(array, mode)
+    return Image.fromarray(array[..., 0] if mode == "L" else array, mode)
 
 
 @pytest.fixture(scope="module")

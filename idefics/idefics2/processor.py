@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ..images import ImagePolicy, is_image_item, load_image, to_rgb
+from ..images import ImagePolicy, is_image_item, load_image
 from ..tokenizer import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, Tokenizer
 
 # The template of the idefics2-8b processor (`chat_template` in its processor config).
@@ -111,10 +111,17 @@ def split_image(image: np.ndarray) -> list[np.ndarray]:
     return [image[:mh, :mw], image[:mh, mw:], image[mh:, :mw], image[mh:, mw:], image]
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """What the reference processor does to every image before its image processor sees it: apply the EXIF
+    orientation, then a plain `convert("RGB")`. Transparency is therefore dropped (transparent pixels keep their
+    stored colour), not composited on white as IDEFICS v1 and the image processor alone would do."""
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def process_image(image: Image.Image, settings: Idefics2ImageSettings, do_image_splitting: bool,
                   size: dict[str, int]) -> list[np.ndarray]:
     """One image → its crops as [3, h, w] float32 arrays: split, PIL resize on uint8, rescale, normalise."""
-    array = np.asarray(to_rgb(image))
+    array = np.asarray(upright_rgb(image))
     crops = split_image(array) if do_image_splitting else [array]
     out = []
     for crop in crops:
