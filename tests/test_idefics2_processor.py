@@ -67,8 +67,8 @@ CASES = {
     "one string, one image": ("Where are the cow and chicken?<image>", lambda: image("odd")),
     "text only": (["Question: How many apples are there?", "A cat"], lambda: None),
     "images only": (None, lambda: [[image("wide"), image("tiny")], [image("tall")]]),
-    "alpha, grey and EXIF-rotated images": (["<image>a<image>b<image>"],
-                                             lambda: [[image("wide", "RGBA"), image("tall", "L"), exif_rotated("odd")]]),
+    "alpha, grey and EXIF-rotated images": (
+        ["<image>a<image>b<image>"], lambda: [[image("wide", "RGBA"), image("tall", "L"), exif_rotated("odd")]]),
 }
 
 
@@ -167,6 +167,10 @@ def test_bad_inputs_give_clear_errors(folder):
         processor(text="a", return_tensors="np")
     with pytest.raises(ValueError, match="unsupported item type"):
         processor(["a", 3.5])
+    with pytest.raises(TypeError, match="carry their images inline"):
+        processor([["a", image("wide")]], images=[image("wide")])
+    with pytest.raises(ValueError, match="chat template: no system"):
+        processor.apply_chat_template(CONVERSATIONS[0], chat_template="{{ raise_exception('no system') }}")
     with pytest.raises(ValueError, match="message 0"):
         processor.apply_chat_template([{"content": "no role"}])
     processor.max_length = 5

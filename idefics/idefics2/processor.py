@@ -196,6 +196,11 @@ def render_default_chat(messages: Sequence[dict], add_generation_prompt: bool) -
     return out + ("Assistant:" if add_generation_prompt else "")
 
 
+def raise_template_error(message: str) -> None:
+    """`raise_exception(...)`, which chat templates call to reject a conversation."""
+    raise ValueError(f"chat template: {message}")
+
+
 def read_chat_template(folder: Path) -> str | None:
     """The processor's chat template from a checkpoint folder (the files transformers 4.4x and 5 write)."""
     if (folder / "chat_template.jinja").exists():
@@ -255,6 +260,7 @@ class Idefics2Processor:
             return render_default_chat(messages, add_generation_prompt)
         # The environment transformers renders chat templates with.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = raise_template_error
         specials = {"bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token,
                     "unk_token": self.tokenizer.unk_token, "pad_token": self.tokenizer.pad_token}
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -277,6 +283,9 @@ class Idefics2Processor:
             if isinstance(prompts, str) or (images is not None and isinstance(prompts, (list, tuple))
                                             and all(isinstance(p, str) for p in prompts)):
                 text = prompts  # reference convention given positionally
+            elif images is not None:
+                raise TypeError("images= goes with text prompts that hold <image> markers; IDEFICS-style prompts "
+                                "(lists of items) carry their images inline")
             else:
                 texts, image_lists = self.split_interleaved(prompts, bool(add_end_of_utterance_token))
                 return self.encode(texts, image_lists, splitting, size)
