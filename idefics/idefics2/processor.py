@@ -15,7 +15,9 @@ adjacent fake tokens merged). Rows are left-padded (generation appends to the ri
 
 Pinned reference behaviour (transformers 5.23): a space is inserted after a closing `<fake_token_around_image>`
 that is directly followed by a character other than whitespace or `<` (`space_after_image=True`); releases up to
-4.4x did not do this, so token ids differ there. Set `space_after_image=False` to reproduce those."""
+4.4x did not do this, so token ids differ there. Set `space_after_image=False` to reproduce those.
+Deliberate difference: `do_image_splitting=` given per call changes both the pixels and the text layout (the
+reference expands the text by its image processor's setting only, so the two can disagree)."""
 
 from __future__ import annotations
 
