@@ -47,6 +47,7 @@ class Job:
     cancelled: bool = False  # set by the server when the client goes away; honoured at the next step
     submitted_at: float = 0.0
     started_at: float = 0.0
+    checked_at: float = 0.0  # last time the server checked that the client is still connected
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -104,20 +104,23 @@ class Service:
         return job, queue
 
     async def next_event(self, job: Job, queue: asyncio.Queue, request: Request | None = None):
-        """The engine's next event for this job. Polls for a client disconnect while waiting (non-streaming
-        requests: the streaming response notices by itself) and enforces the deadline of queued requests."""
+        """The engine's next event for this job, or None once the client is gone. For non-streaming requests
+        (`request` given) the client connection is checked every half second, events or not (a streaming
+        response notices a disconnect by itself); queued requests past their deadline are answered too."""
         getter = asyncio.ensure_future(queue.get())
         try:
             while True:
                 done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if request is not None and time.monotonic() - job.checked_at > 0.5:
+                    job.checked_at = time.monotonic()
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return None
                 if done:
                     return getter.result()
                 if time.monotonic() > job.deadline + 1.0:
                     job.cancel()
                     return ErrorEvent("Request timed out while waiting in the queue", "timeout", 504)
-                if request is not None and await request.is_disconnected():
-                    job.cancel()
-                    return None
         finally:
             getter.cancel()
 
@@ -372,6 +375,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "from these hosts only ('*': any host); off by default")
     p.add_argument("--image-fetch-timeout", type=float, default=5.0, help="seconds (default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV})")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's "
+                   "choice; fewer can be faster for small models on a busy machine)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     p.set_defaults(func=serve)
     return p
@@ -390,10 +395,13 @@ def settings_from_args(args: argparse.Namespace, model_name: str) -> ServerSetti
 
 
 def serve(args: argparse.Namespace) -> None:
+    import torch
     import uvicorn
 
     import idefics
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = idefics.load(args.model, dtype=args.dtype)
     settings = settings_from_args(args, pipe.name)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
