@@ -101,6 +101,10 @@ class IdeficsModel(nn.Module):
             attention_mask = torch.ones(b, past + t, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (b, past + t):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + t)}")
+        width = self.config.vocab_size + self.config.additional_vocab_size
+        if t and (int(input_ids.min()) < 0 or int(input_ids.max()) >= width):
+            raise ValueError(f"input_ids must be in [0, {width}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         x = self.embed_tokens(input_ids)
 
         cross_kv = cache.cross_kv if cache is not None else None

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_model
 from .generation import GenerationParams, TextStream, decode
-from .images import ImagePolicy, load_image, preprocess
+from .images import ImagePolicy
 from .model import Idefics
 from .processor import ImageSettings, Processor, is_batch
 from .tokenizer import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, Tokenizer
@@ -131,12 +131,16 @@ class Pipeline:
 
     @torch.inference_mode()
     def image_features(self, images: Sequence[Any]) -> torch.Tensor:
-        """[N, D] mean-pooled vision features (for RICES retrieval of similar demonstrations)."""
-        settings = self.processor.images
-        pixels = torch.stack([preprocess(load_image(img, f"image {i}", self.processor.policy), settings.size,
-                                         settings.mean, settings.std) for i, img in enumerate(images)])
-        features = self.model.model.vision_model(pixels.to(self.model.device, self.model.dtype))
-        return features.float().mean(1)
+        """[N, D] the model's own image features (perceiver / connector output), mean-pooled: what RICES
+        compares to retrieve similar demonstrations."""
+        rows = []
+        for image in images:
+            inputs = self.processor([image])
+            mask = inputs.get("image_attention_mask", inputs.get("pixel_attention_mask"))
+            states = self.model.model.encode_images(inputs["pixel_values"].to(self.model.device, self.model.dtype),
+                                                    None if mask is None else mask.to(self.model.device))
+            rows.append(states.float().reshape(-1, states.shape[-1]).mean(0))
+        return torch.stack(rows)
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",

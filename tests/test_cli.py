@@ -34,3 +34,12 @@ def test_info_and_errors(reference_checkpoint, tmp_path):
     bad_model = run("info", "--model", str(tmp_path))
     assert bad_model.returncode == 2 and "no config.json" in bad_model.stderr
     assert "image:" in run("generate", "--help").stdout
+
+
+def test_info_describes_idefics2(tmp_path):
+    from test_idefics2 import build_reference_idefics2
+
+    build_reference_idefics2(tmp_path / "v2", splitting=False)
+    info = run("info", "--model", str(tmp_path / "v2"))
+    assert info.returncode == 0, info.stderr
+    assert "idefics2" in info.stdout and "connector" in info.stdout and "sliding window" in info.stdout

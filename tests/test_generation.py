@@ -121,3 +121,16 @@ def test_bad_requests_raise_clear_errors(pipe, images):
     long_text = " ".join(["the quick brown fox"] * 200)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pipe.processor([long_text])
+
+
+def test_image_features_rank_the_same_image_first(pipe, images):
+    features = pipe.image_features([images[0], images[1], images[0], images[2]])
+    assert features.shape[0] == 4
+    torch.testing.assert_close(features[0], features[2])
+    similarity = torch.nn.functional.cosine_similarity(features[:1], features, dim=-1)
+    assert similarity.argsort(descending=True)[:2].tolist() in ([0, 2], [2, 0])
+
+
+def test_out_of_range_token_ids_are_refused(pipe):
+    with pytest.raises(ValueError, match="input_ids must be in"):
+        pipe.model(torch.tensor([[1, 99999]]))
