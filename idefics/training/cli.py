@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError) as error:
         print(f"idefics train: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
     return 0
 
 

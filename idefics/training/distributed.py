@@ -4,8 +4,9 @@ ZeRO-3 equivalent, for models that do not fit one device). gloo on CPU, NCCL on 
 
     torchrun --nproc-per-node 2 -m idefics.training.cli configs/tiny.yaml --set train.distributed=ddp
 
-Under FSDP each decoder layer, gated cross-attention block, the perceiver and the vision encoder is its own
-shard unit (gathered only while it computes); frozen and trainable parameters may share a unit.
+Under FSDP each decoder layer, gated cross-attention block (and its image key/value projections), the
+perceiver and the vision encoder is its own shard unit, gathered only while it computes; the embeddings,
+final norm and output layer form the root unit. Frozen and trainable parameters may share a unit.
 Checkpoints gather full (unsharded) tensors on rank 0, so a run saved with N processes resumes with any N.
 """
 
@@ -76,7 +77,13 @@ def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         inner = module.model.model  # LossModel → Idefics → IdeficsModel
-        units = [*inner.layers, *inner.gated_cross_attn_layers, inner.vision_model]
+        units = []
+        for gated in inner.gated_cross_attn_layers:
+            # generation-style image projection calls k/v (and the k norm) outside the block's forward, so
+            # they are units of their own, gathered when they are called
+            attn = gated.cross_attn
+            units += [attn.k_proj, attn.v_proj] + ([attn.k_layer_norm] if attn.qk_norms else [])
+        units += [*inner.layers, *inner.gated_cross_attn_layers, inner.vision_model]
         if getattr(inner.config, "use_resampler", False):
             units.append(inner.perceiver_resampler)
         for unit in units:

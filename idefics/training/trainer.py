@@ -177,8 +177,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     tokenizer_dir = out_dir / "tokenizer" if info.is_main else out_dir / f".tokenizer-rank{info.rank}"
     model, tokenizer, images = setup_model(config, tokenizer_dir)
+    if config.lora and info.mode == "fsdp":
+        raise ValueError("LoRA with FSDP is not supported (merging needs unsharded weights): use DDP or one process")
     model.to(info.device)
     model.train()
+    fingerprint = frozen_fingerprint(model)  # before FSDP turns parameters into shards
     loss_model = dist_utils.wrap(LossModel(model), info)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(loss_model, tc.weight_decay), lr=tc.lr, betas=tc.betas,
@@ -200,7 +203,6 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     data = stream(config.sources, dc.shuffle, rows_per_process)
     metrics = Metrics(out_dir, info.is_main)
-    fingerprint = frozen_fingerprint(model)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     checkpoints = list_checkpoints(ckpt_root) if resume else []
     if checkpoints:
@@ -325,7 +327,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     metrics.plot()
     exported = finish(config, loss_model, model, tokenizer_dir, images, info)
     summary = {"steps": done, "loss": last_loss, "tokens": tokens_seen, "skipped": data.errors,
-               "export": str(exported) if exported else None}
+               "export": str(exported) if exported else None, "rank": info.rank}
     if info.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     dist_utils.teardown()
