@@ -69,7 +69,8 @@ def load_mini_split(task: str, data_dir: str | Path, split: str, *, on_error: On
                               "make one with `idefics data make-mini DIR`)")
     problem = _Problems(on_error, split_dir)
     # The reader itself reports unreadable data naming the shard and the key: it raises, or logs and skips.
-    reader = ShardReader([str(s) for s in shards], on_error=on_error, decode_images=False)
+    # Every process reads the whole split (rank 0 of 1): the runner shares out the queries itself.
+    reader = ShardReader([str(s) for s in shards], on_error=on_error, decode_images=False, rank=0, world_size=1)
     samples: list[Sample] = []
     try:
         for record in reader:

@@ -165,10 +165,12 @@ class Evaluator:
                 score = running_score(spec, queries, records, self.config.vqa_variant)
                 if score is not None:
                     bar.set_postfix_str(f"{spec.metric} {score:.2f}")
-        merged = {i: r for part in distributed.all_gather(records) for i, r in part.items()}
+        parts = distributed.all_gather(records)
+        merged = {i: r for part in parts for i, r in part.items()}
         result = None
         if self.rank == 0:
             result = self.score(data, queries, [merged[i] for i in range(len(queries))], shots, seed)
+            result.extra["queries_per_process"] = [len(part) for part in parts]
         return distributed.broadcast(result)
 
     def run_batch(self, spec: TaskSpec, batch: list[Sample], positions: list[int], support: list[Sample],
