@@ -71,10 +71,46 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
             yield name, (lambda h=handle, n=name: h.get_tensor(n)), shape
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor], list[int]]]:
+    """Like `iter_tensors`, but each loader reads its bytes with plain file reads instead of a memory map:
+    the tensor owns its memory and nothing of the file stays resident after it is freed (used when quantizing
+    while loading, where the float weights must not accumulate)."""
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: cannot read safetensors header ({error})") from None
+        base = 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+
+            def load(path=path, info=info) -> torch.Tensor:
+                begin, end = info["data_offsets"]
+                buffer = bytearray(end - begin)
+                with open(path, "rb") as f:
+                    f.seek(base + begin)
+                    f.readinto(buffer)
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                if not buffer:
+                    return torch.empty(info["shape"], dtype=dtype)
+                return torch.frombuffer(buffer, dtype=dtype).view(info["shape"])
+
+            yield name, load, list(info["shape"])
+
+
 def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch.Tensor], list[int]]],
                    dtype: torch.dtype, device: torch.device | str, source: str,
-                   allow_missing: tuple[str, ...] = ()) -> None:
-    """Assign checkpoint tensors to a (meta-device) model after checking names and shapes."""
+                   allow_missing: tuple[str, ...] = (), quantize: str | None = None) -> None:
+    """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. With `quantize`
+    ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read."""
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = {"lm_head.weight"} if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied and not k.startswith(allow_missing))
@@ -89,12 +125,39 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model built from its config.json:\n"
                               + "\n".join(problems))
+    if quantize is not None:
+        load_quantized(model, tensors, expected, dtype, device, quantize)
+        return
     state = {}
     for name, (load, _) in tensors.items():
         if name in expected:
             tensor = load()
             state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=False, assign=True)
+
+
+def load_quantized(model: nn.Module, tensors: dict, expected: dict, dtype: torch.dtype,
+                   device: torch.device | str, mode: str) -> None:
+    """Quantize each target weight right after reading it and drop the float copy, so peak memory is the
+    quantized model plus one weight (with loaders from `read_tensors`: no memory map keeps pages resident)."""
+    from .quantize import check_mode, quantize_weight, replace_module, target_linears
+
+    mode = check_mode(mode)
+    targets = {f"{name}.weight": name for name in target_linears(model)} if mode else {}
+    state = {}
+    for name in list(tensors):
+        load, _ = tensors.pop(name)
+        if name not in expected:
+            continue
+        tensor = load()
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if name in targets:
+            replace_module(model, targets[name], quantize_weight(tensor, mode))
+        else:
+            state[name] = tensor
+        del tensor, load
+    model.load_state_dict(state, strict=False, assign=True)
+    model.quantization = mode
 
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -137,9 +200,11 @@ def build_model(config) -> nn.Module:
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               extra_tensors: dict[str, torch.Tensor] | None = None):
+               extra_tensors: dict[str, torch.Tensor] | None = None, quantize: str | None = None):
     """Build an `Idefics` or `Idefics2` model (per config.json `model_type`) from a checkpoint folder.
-    `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini)."""
+    `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini).
+    `quantize` ("int8" | "int4"): weight-only quantization of the decoder and cross-attention, applied while
+    streaming the weights in (see quantize.py)."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a checkpoint folder?)")
@@ -147,10 +212,14 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     target = resolve_dtype(dtype, DTYPES.get(config.torch_dtype or "", torch.float32))
     with torch.device("meta"):
         model = build_model(config)
-    tensors = {name: (load, shape) for name, load, shape in iter_tensors(safetensors_files(folder))}
+    from .quantize import check_mode
+
+    quantize = check_mode(quantize)
+    reader = iter_tensors if quantize is None else read_tensors
+    tensors = {name: (load, shape) for name, load, shape in reader(safetensors_files(folder))}
     for name, tensor in (extra_tensors or {}).items():
         tensors.setdefault(name, (lambda t=tensor: t, list(tensor.shape)))
-    check_and_load(model, tensors, target, device, str(folder))
+    check_and_load(model, tensors, target, device, str(folder), quantize=quantize)
     materialize(model, device, target)
     model.eval()
     return model

@@ -62,12 +62,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights dtype (default: float32 on CPU)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization of the decoder and cross-attention at load time "
+                        "(int8: ~2x smaller and faster than bf16; int4: ~4x, coarser)")
 
 
 def load_pipe(args: argparse.Namespace):
     import idefics
 
-    return idefics.load(args.model, dtype=args.dtype, device=args.device)
+    return idefics.load(args.model, dtype=args.dtype, device=args.device,
+                        quantize=getattr(args, "quantize", None))
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -144,8 +144,9 @@ class Pipeline:
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         image_policy: ImagePolicy | None = None) -> Pipeline:
-    """Load a checkpoint folder (Hugging Face format). With no path: the embedded default model."""
+         image_policy: ImagePolicy | None = None, quantize: str | None = None) -> Pipeline:
+    """Load a checkpoint folder (Hugging Face format). With no path: the embedded default model.
+    `quantize`: "int8" or "int4" weight-only quantization of the decoder and cross-attention (quantize.py)."""
     if path is None:
         from .mini import default_model_path
 
@@ -155,7 +156,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     from .mini import backbone_tensors  # idefics-mini keeps its frozen backbones outside the folder
 
     extra = backbone_tensors(path)
-    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra)
+    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize)
     tokenizer = Tokenizer.from_folder(path)
     if model.config.model_type == "idefics2":
         from .idefics2.processor import Idefics2Processor

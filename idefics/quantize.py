@@ -1,0 +1,156 @@
+"""Weight-only quantization of the language decoder and the gated cross-attention blocks.
+
+Decoding is memory-bound: every new token reads each decoder weight once, so fewer bytes per weight means
+proportionally faster steps (and IDEFICS-9B fits in 12 GB). Activations stay in floating point; only the
+weights are stored in integers and expanded inside the matmul kernel.
+
+* `int8`: per-output-channel symmetric scales (w ≈ q * scale, q in [-127, 127]); matmul by
+  `torch._weight_int8pack_mm`, which dequantizes in registers.
+* `int4`: groups of 128 input channels, asymmetric (w ≈ q * scale + min, q in [0, 15]), packed two per byte
+  for `torch._weight_int4pack_mm_for_cpu`. Coarser: check the quality numbers the benchmark prints.
+
+The vision encoder, perceiver, embeddings and output layer stay in floating point: they are read once per
+prompt (vision, perceiver) or are small next to the decoder, and the output layer decides the token.
+`quantize_model` converts a loaded model in place; `checkpoint.load_model(..., quantize=)` converts each weight
+as it is read, so the full-precision decoder is never in memory at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+# Parameter-name prefixes of the quantized parts: IDEFICS decoder + cross-attention, Idefics2's Mistral decoder.
+TARGET_PREFIXES = ("model.layers.", "model.gated_cross_attn_layers.", "model.text_model.layers.")
+INT4_GROUP = 128
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode in (None, "none", "no", ""):
+        return None
+    if mode not in MODES:
+        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {', '.join(MODES)} (or none)")
+    return mode
+
+
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The CPU int8/int4 kernels are fast with bf16 activations and slow with float32 ones (measured ~10x on
+    AVX-512): float32 inputs go through the kernel in bf16, whose 8-bit mantissa is finer than the weights'."""
+    return torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales[:, None]).T with q int8 [out, in] and float32 per-row `scales` [out]."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        module = cls(w.shape[1], w.shape[0], device="meta")
+        module.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        module.scales = scales
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
+        if flat.device.type == "cpu":
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
+        else:  # other devices: dequantize on the fly
+            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
+        return out.to(dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """Groups of `group` input channels share a bf16 scale and offset: w ≈ (q - 8) * scale + zero, where
+    zero = min + 8 * scale (the layout `_weight_int4pack_mm_for_cpu` expects)."""
+
+    def __init__(self, in_features: int, out_features: int, group: int = INT4_GROUP,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2,
+                                                             dtype=torch.bfloat16, device=device))
+
+    @staticmethod
+    def supports(weight_shape: torch.Size | list[int], group: int = INT4_GROUP) -> bool:
+        out_features, in_features = weight_shape
+        return in_features % group == 0 and out_features % 16 == 0
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, group: int = INT4_GROUP) -> "Int4Linear":
+        w = weight.detach().float()
+        n, k = w.shape
+        grouped = w.view(n, k // group, group)
+        low, high = grouped.amin(-1), grouped.amax(-1)
+        scales = ((high - low) / 15).clamp(min=1e-10)
+        q = torch.round((grouped - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        module = cls(k, n, group, device="meta")
+        module.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        zeros = low + 8 * scales
+        module.scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales_and_zeros)
+        return out.to(dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group={self.group}"
+
+
+def quantize_weight(weight: torch.Tensor, mode: str) -> nn.Module:
+    """A quantized replacement for a bias-free Linear with this weight ([out, in]). int4 falls back to int8 for
+    shapes the packed kernel does not take."""
+    if mode == "int4" and Int4Linear.supports(weight.shape):
+        return Int4Linear.from_weight(weight)
+    return Int8Linear.from_weight(weight)
+
+
+def is_target(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.bias is None and name.startswith(TARGET_PREFIXES)
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Qualified name → Linear for every layer `quantize_model` converts."""
+    return {name: m for name, m in model.named_modules() if is_target(name, m)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, new)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
+    """Replace the decoder and cross-attention Linear layers with int8/int4 weight-only layers, in place
+    (one layer at a time, so the peak is one layer's float weight above the result). Returns the model."""
+    mode = check_mode(mode)
+    if mode is None:
+        return model
+    for name, linear in target_linears(model).items():
+        replace_module(model, name, quantize_weight(linear.weight, mode))
+    model.quantization = mode
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers (what the weights occupy in memory)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
