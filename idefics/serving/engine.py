@@ -161,18 +161,22 @@ class Engine:
                 self.finish_job(self.waiting.popleft(), ErrorEvent("the server is shutting down", "generation", 503))
 
     def iterate(self) -> None:
-        """One round: waiting requests join (as many as the batch has room for), then one decoding step."""
+        """One round: waiting requests join (as many as the batch has room for), then one decoding step.
+        An unexpected error fails the requests involved and resets the batch; the engine keeps running."""
         with self.lock:
             free = self.max_batch_size - len(self.rows)
-            joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-        with torch.inference_mode():
-            for job in joining:
-                self.admit(job)
-            if self.rows:
-                try:
+            joining = deque(self.waiting.popleft() for _ in range(min(free, len(self.waiting))))
+        try:
+            with torch.inference_mode():
+                while joining:
+                    self.admit(joining.popleft())
+                if self.rows:
                     self.step()
-                except Exception as error:  # a failed batch step fails its requests, not the server
-                    self.fail_all(f"Request failed during generation: {type(error).__name__}: {error}")
+        except Exception as error:  # a failed batch step fails its requests, not the server
+            message = f"Request failed during generation: {type(error).__name__}: {error}"
+            for job in joining:
+                self.finish_job(job, ErrorEvent(message, "generation", 424))
+            self.fail_all(message)
 
     def finish_job(self, job: Job, event: Any = None) -> None:
         if event is not None:
@@ -198,8 +202,13 @@ class Engine:
                                                    f"{error}", "generation", 424))
         if not self.rows:
             self.rows, self.cache, self.mask, self.step_extra, self.logits = [row], cache, mask, step_extra, logits
-        else:
+            return
+        try:
             self.merge(row, cache, mask, step_extra, logits)
+        except Exception:
+            self.finish_job(job, ErrorEvent("Request failed during generation: could not join the batch",
+                                            "generation", 424))
+            raise  # the batch may be half-merged: iterate() fails and resets it
 
     def prefill(self, job: Job):
         model, params = self.model, job.params

@@ -49,11 +49,11 @@ def load_request_image(url: str, where: str, limits: Limits, policy: ImagePolicy
         raise invalid(f"invalid image: {error}") from None
 
 
-def token_budget(n_input: int, max_new: int | None, limits: Limits) -> int:
+def token_budget(n_input: int, max_new: int | None, limits: Limits, default: int | None = None) -> int:
     """TGI's checks, total first: input + max_new_tokens <= max_total_tokens, input <= max_input_tokens.
-    No max_new_tokens → as many as the context and the server's cap allow."""
+    No max_new_tokens → as many as the context allows, up to `default` (else the server's cap)."""
     if max_new is None:
-        max_new = min(limits.max_new_tokens, limits.max_total_tokens - n_input)
+        max_new = min(default or limits.max_new_tokens, limits.max_new_tokens, limits.max_total_tokens - n_input)
         if max_new < 1:
             raise invalid(f"`inputs` tokens ({n_input}) leave no room for new tokens: the total limit is "
                           f"{limits.max_total_tokens}")
@@ -87,7 +87,8 @@ def idefics_inputs(pipe, req: GenerationRequest, limits: Limits, policy: ImagePo
     image is decoded; then the inputs are built as `Processor` builds them for the same items."""
     text = model_text(pipe, req.items)
     n_text = len(pipe.tokenizer.encode(text))
-    max_new = token_budget(min(n_text, req.truncate) if req.truncate else n_text, req.max_new_tokens, limits)
+    max_new = token_budget(min(n_text, req.truncate) if req.truncate else n_text, req.max_new_tokens, limits,
+                           req.default_new_tokens)
     images = [url for kind, url in req.items if kind == "image"]
     settings = pipe.processor.images
     pixels = [preprocess(load_request_image(url, f"image {i + 1}", limits, policy), settings.size, settings.mean,
@@ -120,7 +121,7 @@ def generic_inputs(pipe, req: GenerationRequest, limits: Limits, policy: ImagePo
         inputs = pipe.processor(prompt)
     except (ValueError, ImageError) as error:
         raise invalid(str(error)) from None
-    return inputs, token_budget(inputs["input_ids"].shape[1], req.max_new_tokens, limits)
+    return inputs, token_budget(inputs["input_ids"].shape[1], req.max_new_tokens, limits, req.default_new_tokens)
 
 
 def image_policy(limits: Limits, hosts: tuple[str, ...] | None, timeout: float) -> ImagePolicy:

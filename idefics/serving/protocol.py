@@ -53,7 +53,8 @@ class GenerationRequest:
     """What a request asks for, independent of the model. `items` alternate ("text", str) and ("image", url)."""
 
     items: list[tuple[str, str]]
-    max_new_tokens: int | None = None  # None: as many as the token limits allow
+    max_new_tokens: int | None = None  # None: as many as the limits allow, up to `default_new_tokens`
+    default_new_tokens: int | None = None  # None: the server's max_new_tokens
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -114,8 +115,8 @@ def split_markdown_images(text: str) -> list[tuple[str, str]]:
 
 
 def _url_without_title(content: str) -> str | None:
-    """`url`, `url "title"` → url (trailing whitespace dropped). None if the URL would span a line break."""
-    content = content.rstrip()
+    """`url`, `url "title"` → url (surrounding whitespace dropped). None if the URL would span a line break."""
+    content = content.strip()
     quote = content.find('"')
     if quote >= 0:
         title = content[quote:]
@@ -351,7 +352,7 @@ def parse_chat_request(body: dict, limits: Limits, end_of_turn: str = "<end_of_u
     max_tokens = _field(body, "max_completion_tokens", "int", None)
     max_tokens = _field(body, "max_tokens", "int", max_tokens)
     check_max_new_tokens(max_tokens, limits, "max_tokens")
-    req.max_new_tokens = limits.default_max_new_tokens if max_tokens is None else max_tokens
+    req.max_new_tokens, req.default_new_tokens = max_tokens, limits.default_max_new_tokens
     temperature = _field(body, "temperature", "float", 1.0)
     if not 0 <= temperature <= 2:
         raise invalid("`temperature` must be >= 0 and <= 2", "temperature")

@@ -205,19 +205,29 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         return JSONResponse([body] if stream is None else body, headers=headers)
 
     async def tgi_events(job: Job, queue: asyncio.Queue, req: GenerationRequest):
+        answered = False
         try:
             while True:
                 event = await service.next_event(job, queue)
                 if isinstance(event, ErrorEvent):
+                    answered = True
                     service.metrics.failure(event.error_type)
                     yield sse(tgi_error(ApiError(event.status, event.message, event.error_type)), space=False)
                     return
+                if event.done is not None:
+                    answered = True
+                    service.metrics.success(job, event.done)
                 yield sse(tgi_stream_event(event.index, event.token, event.top_tokens, req, event.done), space=False)
                 if event.done is not None:
-                    service.metrics.success(job, event.done)
                     return
         finally:
-            job.cancel()
+            dropped(job, answered)
+
+    def dropped(job: Job, answered: bool) -> None:
+        """A stream ended: if the client left before its answer, the engine drops the request at its next step."""
+        if not answered:
+            service.metrics.failure("dropped")
+        job.cancel()
 
     @app.post("/", dependencies=guarded)
     async def compat(request: Request):
@@ -288,11 +298,13 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             return sse(chat_chunk(completion_id, created, settings.model_name, service.fingerprint, delta, finish,
                                   logprobs))
 
+        answered = False
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
                 event = await service.next_event(job, queue)
                 if isinstance(event, ErrorEvent):
+                    answered = True
                     service.metrics.failure(event.error_type)
                     yield sse(openai_error(ApiError(event.status, event.message, event.error_type)))
                     return
@@ -301,6 +313,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
                     logprobs = openai_logprobs([token], [event.top_tokens]) if req.details else None
                     yield chunk({"content": token.text}, logprobs=logprobs)
                 if event.done is not None:
+                    answered = True
                     service.metrics.success(job, event.done)
                     yield chunk({}, "length" if event.done.finish_reason == "length" else "stop")
                     if req.include_usage:
@@ -309,7 +322,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
                     yield sse("[DONE]")
                     return
         finally:
-            job.cancel()
+            dropped(job, answered)
 
     return app
 
