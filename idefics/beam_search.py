@@ -74,6 +74,7 @@ def beam_search(model: Idefics, inputs: dict[str, torch.Tensor], num_beams: int,
     attention_mask = attention_mask[beam_rows]
     step_extra = {key: value[beam_rows] for key, value in model.step_inputs(extra).items()}
     row_offset = torch.arange(batch, device=device)[:, None] * k  # beam b of prompt i is cache row i*k + b
+    beam_rows_identity = torch.arange(batch * k, device=device)
 
     # Running beams: only the first beam of each prompt is live at the start (the others are copies).
     run_tokens = torch.full((batch, k, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -134,7 +135,9 @@ def beam_search(model: Idefics, inputs: dict[str, torch.Tensor], num_beams: int,
         if not bool(can_improve.any()) or all_slots_done or bool(ends.all()):
             break
 
-        cache.select_rows((parents + row_offset).flatten())
+        rows = (parents + row_offset).flatten()
+        if not torch.equal(rows, beam_rows_identity):  # copying the cache is the costly part of a step
+            cache.select_rows(rows)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch * k, 1)], 1)
         logits = model(run_tokens[:, :, step].reshape(-1, 1), attention_mask, cache=cache, logits_to_keep=1,
                        **step_extra).logits[:, -1]

@@ -95,20 +95,23 @@ class ImageFeatureCache:
         return torch.stack([self.get(item, name).pooled for item, name in zip(items, names)])
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureCache,
-                   continuations: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs for a batch of prompts, as `pipe.processor(prompts, add_end_of_utterance_token=False)`
-    builds them, but with `image_hidden_states` from the cache instead of `pixel_values`.
-
-    `continuations`, if given, is appended to each prompt as a last text item (class names)."""
-    tokenizer, processor = pipe.tokenizer, pipe.processor
+def prompt_texts(pipe: Any, prompts: Sequence[Sequence[Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The processor's prompt strings (no `<end_of_utterance>` added) and each prompt's image items."""
     texts, images = [], []
-    for b, prompt in enumerate(prompts):
-        items = list(prompt) + ([continuations[b]] if continuations is not None else [])
-        kinds = classify_items(items)
-        texts.append(prompt_text(kinds, tokenizer.bos_token or ""))
-        images.append([features.get(item, f"prompt {b}, item {i}").latents
-                       for i, (kind, item) in enumerate(kinds) if kind == "image"])
+    for prompt in prompts:
+        kinds = classify_items(list(prompt))
+        texts.append(prompt_text(kinds, pipe.tokenizer.bos_token or ""))
+        images.append([item for kind, item in kinds if kind == "image"])
+    return texts, images
+
+
+def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureCache) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch of prompts, as `pipe.processor(prompts, add_end_of_utterance_token=False)`
+    builds them, but with `image_hidden_states` from the cache instead of `pixel_values`."""
+    tokenizer, processor = pipe.tokenizer, pipe.processor
+    texts, items = prompt_texts(pipe, prompts)
+    images = [[features.get(item, f"prompt {b}, image {i}").latents for i, item in enumerate(row)]
+              for b, row in enumerate(items)]
     ids = tokenizer.encode_batch(texts)
     limit = processor.max_length
     for b, row in enumerate(ids):
@@ -123,10 +126,7 @@ def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageF
     for b, row in enumerate(images):
         if row:
             hidden[b, :len(row)] = torch.stack(row)
-    if any(images):
-        mask = image_attention_mask(input_ids, processor.image_token_id, tokenizer.eos_token_id, num_images)
-    else:
-        mask = torch.zeros(len(ids), width, 1, dtype=torch.long)
+    mask = image_attention_mask(input_ids, processor.image_token_id, tokenizer.eos_token_id, num_images)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "image_attention_mask": mask,
             "image_hidden_states": hidden}
 
@@ -188,13 +188,17 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
     n_prompts, n_classes = len(prompts), len(class_names)
     model, tok, pad = pipe.model, pipe.tokenizer, pipe.tokenizer.pad_token_id
     alone = encode_prompts(pipe, prompts, features)
+    num_images = alone["image_hidden_states"].shape[1]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(alone["input_ids"], alone["attention_mask"])]
-    full_ids, full_masks, shared = [], [], []
-    for c, name in enumerate(class_names):
-        full = encode_prompts(pipe, prompts, features, [name] * n_prompts)
-        real = full["attention_mask"].bool()
-        full_ids.append([row[m].tolist() for row, m in zip(full["input_ids"], real)])
-        full_masks.append([row[m] for row, m in zip(full["image_attention_mask"], real)])
+    texts, _ = prompt_texts(pipe, prompts)
+    # a class name is one more text item: stripped of spaces and joined to the prompt with nothing between
+    full_texts = [texts[p] + name.strip(" ") for name in class_names for p in range(n_prompts)]
+    encoded = tok.encode_batch(full_texts)
+    full_ids = [encoded[c * n_prompts:(c + 1) * n_prompts] for c in range(n_classes)]  # [class][prompt]
+    image_token, eos = pipe.processor.image_token_id, tok.eos_token_id
+    full_masks = [[image_attention_mask(torch.tensor([ids]), image_token, eos, num_images)[0] for ids in row]
+                  for row in full_ids]
+    shared = []
     for p in range(n_prompts):
         common = len(prompt_ids[p])
         for c in range(n_classes):
@@ -210,7 +214,6 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
     suffix_len = max(len(full_ids[c][p]) - shared[p] for p in range(n_prompts) for c in range(n_classes))
     prefix_ids = torch.full((n_prompts, width), pad)
     prefix_mask = torch.zeros(n_prompts, width, dtype=torch.long)
-    num_images = alone["image_hidden_states"].shape[1]
     prefix_images = torch.zeros(n_prompts, width, num_images, dtype=torch.long)
     for p in range(n_prompts):
         n = shared[p]
