@@ -11,6 +11,7 @@ import io
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -418,3 +419,28 @@ def test_serve_command_line(monkeypatch):
     assert settings.api_key == "from-env" and settings.model_name == "ckpt"
     defaults = settings_from_args(parser.parse_args(["serve"]), "m")
     assert defaults.image_hosts is None  # remote image URLs are off unless asked for
+
+
+def load_test_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_load_test_script_counts_successes_and_rejections(pipe):
+    load_test = load_test_module()
+    with live_server(pipe, api_key="k") as (url, engine):
+        report = load_test.run_load(url, clients=4, requests=8, duration=120, max_new_tokens=6, api_key="k")
+        assert (report["ok"], report["failed"], report["lost"], report["rejected"]) == (8, 0, 0, 0), report
+        assert report["p50_latency_s"] <= report["p99_latency_s"]
+    with live_server(pipe, api_key="k", max_batch_size=1, max_queue=1) as (url, engine):
+        hold(engine, delay=0.05)  # requests overlap: 6 clients, room for 2
+        report = load_test.run_load(url, clients=6, requests=6, duration=120, max_new_tokens=6, api_key="k")
+        assert report["failed"] == report["lost"] == 0 and report["ok"] + report["rejected"] == 6, report
+        assert report["rejected"] >= 1 and report["ok"] >= 2
