@@ -1,93 +1,32 @@
 """The real server on loopback, driven by the real clients: `text_generation.Client` (the IDEFICS model card's
 snippet: greedy, top-p sampling, stop sequences, streaming) and `openai.OpenAI` (non-streaming, streaming, an
-image as a base64 data URL). Greedy answers must equal `pipe.generate` on the same input. Then every kind of bad
-input must get a 4xx naming the problem while the server keeps serving; remote image URLs, authentication,
-overload (429), client disconnects and timeouts."""
+image as a base64 data URL). Greedy answers must equal `pipe.generate` on the same input. Every kind of bad input
+gets a 4xx naming the problem while the server keeps serving. (Safety and load: test_server_limits.py.)"""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import socket
 import struct
-import sys
 import threading
-import time
 import zlib
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import torch
 
-import idefics
 from conftest import png_bytes, random_image
-from idefics.serving.protocol import Limits
-from idefics.serving.server import ServerSettings, create_app
+from serving_helpers import alone, card_prompt, data_uri, live_server, one_thread, pipe  # noqa: F401 (fixtures)
 
 text_generation = pytest.importorskip("text_generation")
 openai = pytest.importorskip("openai")
 STOPS = ["<end_of_utterance>", "\nUser:"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; two threads on a shared 2-core machine mostly spin
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe(reference_checkpoint):
-    folder, _ = reference_checkpoint("small_instruct")
-    return idefics.load(folder)
-
-
-@contextmanager
-def live_server(pipe, **settings):
-    """A uvicorn server in a thread on a free loopback port; yields (base URL, engine)."""
-    import uvicorn
-
-    settings.setdefault("limits", Limits(max_images=2))
-    app = create_app(pipe, ServerSettings(model_name="idefics-test", **settings))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.service.engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def server(pipe):
     with live_server(pipe) as (url, engine):
         yield url, engine
-
-
-def data_uri(image, fmt="PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def card_prompt(image_ref: str, question: str = "Describe this image.") -> str:
-    return f"User:![]({image_ref}){question}<end_of_utterance>\nAssistant:"
-
-
-def alone(pipe, image, question="Describe this image.", **kwargs):
-    return pipe.generate_detailed([["User:", image, f"{question}<end_of_utterance>\nAssistant:"]], **kwargs)[0]
 
 
 def test_text_generation_client_model_card_snippet(server, pipe):
@@ -255,139 +194,6 @@ def test_bad_inputs_through_the_clients(server):
     assert httpx.get(f"{url}/nothing-here", timeout=10).status_code == 404
 
 
-@pytest.fixture(scope="module")
-def image_host():
-    """A loopback HTTP server with /cat.png, /redirect (to the same file under the name `localhost`)."""
-    picture = png_bytes(random_image(6, (36, 28)))
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/cat.png":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(picture)))
-                self.end_headers()
-                self.wfile.write(picture)
-            else:
-                self.send_response(302)
-                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cat.png")
-                self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{httpd.server_address[1]}", picture
-    httpd.shutdown()
-
-
-def test_remote_image_urls_only_from_allowed_hosts(pipe, image_host):
-    host, picture = image_host
-    with live_server(pipe, image_hosts=("127.0.0.1",)) as (url, _):
-        client = text_generation.Client(url, timeout=60)
-        response = client.generate(card_prompt(f"http://{host}/cat.png"), max_new_tokens=6)
-        from PIL import Image
-        assert response.generated_text == alone(pipe, Image.open(io.BytesIO(picture)), max_new_tokens=6).text
-        port = host.split(":")[1]
-        refused = {f"http://localhost:{port}/cat.png": "not in the allowed hosts",  # loopback, other name
-                   f"http://{host}/redirect": "HTTP 302",  # redirects are not followed
-                   f"ftp://{host}/cat.png": "scheme 'ftp'"}
-        for image_url, words in refused.items():
-            with pytest.raises(text_generation.errors.ValidationError, match=words):
-                client.generate(card_prompt(image_url), max_new_tokens=2)
-        assert httpx.get(f"{url}/health").status_code == 200
-
-
-def test_api_key(pipe):
-    with live_server(pipe, api_key="s3cret") as (url, _):
-        response = httpx.post(f"{url}/generate", json={"inputs": "hi"}, timeout=10)
-        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
-        assert "API key" in response.json()["error"]
-        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            wrong.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        right = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-        assert right.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=2, temperature=0).usage.completion_tokens >= 1
-        client = text_generation.Client(url, headers={"Authorization": "Bearer s3cret"}, timeout=60)
-        assert len(client.generate("hi", max_new_tokens=2).details.tokens) >= 1
-        assert httpx.get(f"{url}/health").status_code == 200  # liveness probes need no key
-        assert httpx.get(f"{url}/metrics").status_code == 401
-
-
-def hold(engine, delay: float = 0.0, gate: threading.Event | None = None) -> None:
-    """Test control: make every decoding step wait for `gate` and/or sleep `delay` seconds."""
-    original = engine.step
-
-    def step():
-        if gate is not None:
-            gate.wait(timeout=60)
-        time.sleep(delay)
-        original()
-
-    engine.step = step
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
-def test_overloaded_server_answers_429(pipe):
-    with live_server(pipe, max_batch_size=1, max_queue=0) as (url, engine):
-        gate = threading.Event()
-        hold(engine, gate=gate)
-        first = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={
-            "inputs": "hi", "parameters": {"max_new_tokens": 3}}, timeout=60))
-        first.start()
-        wait_for(lambda: engine.in_flight == 1)
-        with pytest.raises(text_generation.errors.OverloadedError):
-            text_generation.Client(url).generate("hi", max_new_tokens=2)
-        with pytest.raises(openai.RateLimitError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        gate.set()
-        first.join(timeout=60)
-        wait_for(lambda: engine.in_flight == 0)
-        assert text_generation.Client(url, timeout=60).generate("hi", max_new_tokens=2).generated_text is not None
-
-
-def test_disconnected_clients_are_dropped_at_the_next_step(pipe):
-    with live_server(pipe, request_timeout=60.0) as (url, engine):
-        hold(engine, delay=0.02)  # 200 steps would take at least 4 s
-        body = {"inputs": "hi", "parameters": {"max_new_tokens": 200, "stop": ["never"]}}
-        steps_before = engine.steps
-        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as response:
-            for n, line in enumerate(line for line in response.iter_lines() if line):
-                if n == 1:
-                    break  # the client goes away after two tokens
-        wait_for(lambda: engine.in_flight == 0 and not engine.rows)
-        assert engine.steps - steps_before < 100
-        steps_before = engine.steps
-        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-            httpx.post(f"{url}/generate", json=body, timeout=0.3)
-        wait_for(lambda: engine.in_flight == 0 and not engine.rows)
-        assert engine.steps - steps_before < 100
-        assert httpx.get(f"{url}/health").status_code == 200
-
-
-def test_request_timeout_is_answered_with_504(pipe):
-    with live_server(pipe, request_timeout=0.5) as (url, engine):
-        hold(engine, delay=0.02)
-        with pytest.raises(text_generation.errors.ShardTimeoutError, match="timed out"):
-            text_generation.Client(url, timeout=30).generate("hi", max_new_tokens=200, stop_sequences=["never"])
-        events = [json.loads(line[5:]) for line in httpx.post(f"{url}/generate_stream", json={
-            "inputs": "hi", "parameters": {"max_new_tokens": 200, "stop": ["never"]}}, timeout=30).text.splitlines()
-            if line.startswith("data:")]
-        assert events[-1]["error_type"] == "timeout" and "index" in events[0]
-        wait_for(lambda: engine.in_flight == 0)
-        assert httpx.get(f"{url}/health").status_code == 200
-
-
 def test_info_metrics_tokenize(server, pipe):
     url, _ = server
     info = httpx.get(f"{url}/info").json()
@@ -421,26 +227,44 @@ def test_serve_command_line(monkeypatch):
     assert defaults.image_hosts is None  # remote image URLs are off unless asked for
 
 
-def load_test_module():
-    import importlib.util
-    from pathlib import Path
+def test_text_generation_chat_sends_explicit_nulls_and_parses_the_answer(server, pipe):
+    from text_generation.types import Message
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
-    spec = importlib.util.spec_from_file_location("load_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    url, _ = server
+    client = text_generation.Client(url, timeout=60)
+    answer = client.chat(messages=[Message(role="user", content="Tell me a very short story.")], max_tokens=8,
+                         temperature=None, seed=3)  # the client sends every field, mostly null
+    expected = pipe.generate_detailed(["User: Tell me a very short story.<end_of_utterance>\nAssistant:"],
+                                      max_new_tokens=8, do_sample=True, seed=3)[0]
+    assert answer.choices[0].message.content == expected.text  # temperature null samples, as TGI does
+    assert answer.usage["completion_tokens"] == len(expected.token_ids)
 
 
-def test_load_test_script_counts_successes_and_rejections(pipe):
-    load_test = load_test_module()
-    with live_server(pipe, api_key="k") as (url, engine):
-        report = load_test.run_load(url, clients=4, requests=8, duration=120, max_new_tokens=6, api_key="k")
-        assert (report["ok"], report["failed"], report["lost"], report["rejected"]) == (8, 0, 0, 0), report
-        assert report["p50_latency_s"] <= report["p99_latency_s"]
-    with live_server(pipe, api_key="k", max_batch_size=1, max_queue=1) as (url, engine):
-        hold(engine, delay=0.05)  # requests overlap: 6 clients, room for 2
-        report = load_test.run_load(url, clients=6, requests=6, duration=120, max_new_tokens=6, api_key="k")
-        assert report["failed"] == report["lost"] == 0 and report["ok"] + report["rejected"] == 6, report
-        assert report["rejected"] >= 1 and report["ok"] >= 2
+def test_idefics2_model_behind_the_same_server(tmp_path_factory):
+    """A model without cross-attention: items → its own processor, images loaded under the server's policy."""
+    import idefics
+    from test_idefics2 import build_reference_idefics2, noise_image
+
+    folder = tmp_path_factory.mktemp("idefics2-server")
+    build_reference_idefics2(folder, splitting=False)
+    pipe2 = idefics.load(folder)
+    image = noise_image(7, 40, 30)
+    prompt = f"User:![]({data_uri(image)})Describe this image.<end_of_utterance>\nAssistant:"
+    with live_server(pipe2) as (url, _):
+        client = text_generation.Client(url, timeout=60)
+        answers = [None, None]
+
+        def ask(i: int) -> None:
+            answers[i] = client.generate(prompt if i == 0 else "The quick brown fox", max_new_tokens=6 + i)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        expected = pipe2.generate_detailed([["User:", image, "Describe this image.<end_of_utterance>\nAssistant:"]],
+                                           max_new_tokens=6)[0]
+        assert answers[0].generated_text == expected.text
+        assert answers[1].generated_text == pipe2.generate(["The quick brown fox"], max_new_tokens=7)[0]
+        with pytest.raises(text_generation.errors.ValidationError, match="would be read as an image"):
+            client.generate(f"![]({data_uri(image)})https://example.com/x.png", max_new_tokens=2)

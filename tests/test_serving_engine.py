@@ -72,6 +72,8 @@ def test_joining_and_leaving_requests_get_the_tokens_they_get_alone(pipe):
     settings = [dict(max_new_tokens=12), dict(max_new_tokens=20, repetition_penalty=1.3),
                 dict(max_new_tokens=7), dict(max_new_tokens=15, stop_token_ids=[])]
     engine = Engine(pipe, max_batch_size=8)
+    vision_calls = []
+    hook = pipe.model.model.vision_model.register_forward_hook(lambda _m, args, _o: vision_calls.append(args[0].shape[0]))
     jobs = [job_for(pipe, p, **s) for p, s in zip(prompts(), settings)]
     engine.submit(jobs[0][0])
     for _ in range(3):
@@ -85,6 +87,8 @@ def test_joining_and_leaving_requests_get_the_tokens_they_get_alone(pipe):
     while engine.rows or engine.waiting:
         engine.iterate()
         sizes.append(len(engine.rows))
+    hook.remove()
+    assert vision_calls == [1, 2, 1]  # once per request with images (two images in one call), never per step
     assert max(sizes) == 4 and sizes[-1] == 0 and engine.in_flight == 0
     assert any(a > b > 0 for a, b in zip(sizes, sizes[1:]))  # some left while others kept going
     for prompt, kwargs, (_, events) in zip(prompts(), settings, jobs):
