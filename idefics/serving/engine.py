@@ -48,6 +48,7 @@ class Job:
     submitted_at: float = 0.0
     started_at: float = 0.0
     checked_at: float = 0.0  # last time the server checked that the client is still connected
+    finished: bool = False  # the engine is done with it (answered, failed or dropped)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -179,6 +180,9 @@ class Engine:
             self.fail_all(message)
 
     def finish_job(self, job: Job, event: Any = None) -> None:
+        if job.finished:
+            return
+        job.finished = True
         if event is not None:
             safe_emit(job, event)
         with self.lock:
