@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -128,7 +126,9 @@ class Evaluator:
         for seed in self.config.seeds:
             queries = self.eval_subset(data, seed)
             support = [data.support[i] for i in support_subset(len(data.support), self.config.support_size, seed)]
-            rices = RICES(self.support_features(support)) if self.config.selection == "rices" else None
+            rices = None
+            if self.config.selection == "rices":
+                rices, support = self.support_features(data, support)
             for shots in self.config.shots:
                 if effective_num_shots(shots) > len(support):
                     raise ValueError(f"{data.spec.name}: {shots} shots need more than the {len(support)} "
@@ -143,12 +143,28 @@ class Evaluator:
         chosen = np.random.default_rng(seed).choice(n, size=limit, replace=False)
         return [data.eval[int(i)] for i in sorted(chosen)]
 
-    def support_features(self, support: list[Sample]) -> torch.Tensor:
-        """[N, D] pooled features of the support images: each process encodes every world_size-th one."""
-        mine = {i: self.features.get(s.image, f"support sample {s.id}").pooled.cpu()
-                for i, s in enumerate(support) if i % self.world_size == self.rank}
-        merged = {i: f for part in distributed.all_gather(mine) for i, f in part.items()}
-        return torch.stack([merged[i] for i in range(len(support))])
+    def support_features(self, data: TaskData, support: list[Sample]) -> tuple[RICES, list[Sample]]:
+        """RICES over the support images (each process encodes every world_size-th one), and the support
+        samples it covers: with on_error="skip" a support image that cannot be read is left out."""
+        mine, problems = {}, []
+        for i, sample in enumerate(support):
+            if i % self.world_size != self.rank:
+                continue
+            try:
+                mine[i] = self.features.get(sample.image, f"support sample {sample.id!r}").pooled.cpu()
+            except (ValueError, OSError) as error:
+                if self.config.on_error == "raise":
+                    raise EvalError(f"{data.spec.name}: {error}") from error
+                problems.append(f"support: {error}")
+        merged, all_problems = {}, []
+        for part, part_problems in distributed.all_gather((mine, problems)):
+            merged.update(part)
+            all_problems += part_problems
+        for message in all_problems:
+            logger.warning("%s: skipped bad input: %s", data.spec.name, message)
+        data.problems += [m for m in all_problems if m not in data.problems]
+        kept = sorted(merged)
+        return RICES(torch.stack([merged[i] for i in kept])), [support[i] for i in kept]
 
     def run(self, data: TaskData, queries: list[Sample], support: list[Sample], rices: RICES | None,
             shots: int, seed: int) -> EvalResult:
@@ -156,20 +172,24 @@ class Evaluator:
         batches = [list(range(i, min(i + size, len(queries)))) for i in range(0, len(queries), size)]
         mine = batches[self.rank::self.world_size]
         records: dict[int, dict] = {}
+        running = RunningScore(spec, self.config.vqa_variant)
         bar = tqdm(total=sum(map(len, mine)), desc=f"{spec.name} {shots}-shot seed {seed}", unit="q",
                    disable=not self.config.progress or self.rank != 0, dynamic_ncols=True)
         with bar:
             for batch in mine:
-                records.update(self.run_batch(spec, [queries[i] for i in batch], batch, support, rices, shots, seed))
+                done = self.run_batch(spec, [queries[i] for i in batch], batch, support, rices, shots, seed)
+                for i, record in done.items():
+                    running.add(queries[i], record)
+                records.update(done)
                 bar.update(len(batch))
-                score = running_score(spec, queries, records, self.config.vqa_variant)
+                score = running.value()
                 if score is not None:
                     bar.set_postfix_str(f"{spec.metric} {score:.2f}")
         parts = distributed.all_gather(records)
         merged = {i: r for part in parts for i, r in part.items()}
         result = None
         if self.rank == 0:
-            result = self.score(data, queries, [merged[i] for i in range(len(queries))], shots, seed)
+            result = self.score(data, queries, [merged[i] for i in range(len(queries))], len(support), shots, seed)
             result.extra["queries_per_process"] = [len(part) for part in parts]
         return distributed.broadcast(result)
 
@@ -230,7 +250,7 @@ class Evaluator:
                 record["p_yes"] = yes_probability(float(means[row, names.index("no")]),
                                                   float(means[row, names.index("yes")]))
 
-    def score(self, data: TaskData, queries: list[Sample], records: list[dict], shots: int,
+    def score(self, data: TaskData, queries: list[Sample], records: list[dict], support_size: int, shots: int,
               seed: int) -> EvalResult:
         spec = data.spec
         ok = [(q, r) for q, r in zip(queries, records) if "error" not in r]
@@ -245,8 +265,8 @@ class Evaluator:
             score = score_predictions(spec, samples, [r["output"] for _, r in ok], vqa_variant=self.config.vqa_variant)
         extra = {"model": self.pipe.name, "selection": self.config.selection, "decoding": self.config.decoding,
                  "num_beams": spec.num_beams if self.config.decoding == "beam" else 1, "marker": self.marker,
-                 "support": min(len(data.support), self.config.support_size), "skipped": len(errors),
-                 "problems": (data.problems + errors)[:20]}
+                 "support": support_size, "skipped": len(errors),
+                 "skipped_at_load": len(data.problems), "problems": (data.problems + errors)[:20]}
         if spec.metric == "vqa_accuracy":
             extra["vqa_variant"] = self.config.vqa_variant
         if self.config.out_dir is not None:
@@ -263,24 +283,37 @@ class Evaluator:
                 f.write(json.dumps({**record, "reference": reference}, ensure_ascii=False) + "\n")
 
 
-def running_score(spec: TaskSpec, queries: list[Sample], records: dict[int, dict],
-                  variant: VQAVariant) -> float | None:
-    """The score so far on this process's queries, for the progress bar (None for CIDEr, which needs the
-    whole corpus and a Java tokenizer)."""
-    done = [(queries[i], r) for i, r in records.items() if "error" not in r]
-    if not done or spec.metric == "cider":
-        return None
-    if spec.metric == "vqa_accuracy":
-        accs = [vqa_question_accuracy(r["prediction"], q.answer_records or q.references, variant) for q, r in done]
-        return 100 * sum(accs) / len(accs)
-    if spec.metric == "roc_auc":
-        if len({q.label for q, _ in done}) < 2:
+class RunningScore:
+    """The score so far on this process's queries, for the progress bar, updated per record (CIDEr: none,
+    it needs the whole corpus and a Java tokenizer)."""
+
+    def __init__(self, spec: TaskSpec, variant: VQAVariant) -> None:
+        self.spec, self.variant = spec, variant
+        self.total, self.count = 0.0, 0
+        self.labels: list[str] = []
+        self.p_yes: list[float] = []
+
+    def add(self, query: Sample, record: dict) -> None:
+        if "error" in record or self.spec.metric == "cider":
+            return
+        self.count += 1
+        if self.spec.metric == "vqa_accuracy":
+            answers = query.answer_records or query.references
+            self.total += 100 * vqa_question_accuracy(record["prediction"], answers, self.variant)
+        elif self.spec.metric == "roc_auc":
+            self.labels.append(query.label)
+            self.p_yes.append(record["p_yes"])
+        else:
+            self.total += record["prediction"] == query.label
+
+    def value(self) -> float | None:
+        if self.count == 0 or self.spec.metric == "cider":
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = roc_auc([q.label for q, _ in done], [r["p_yes"] for _, r in done])
-        return None if math.isnan(value) else value
-    return sum(r["prediction"] == q.label for q, r in done) / len(done)
+        if self.spec.metric == "roc_auc":
+            if len(set(self.labels)) < 2:
+                return None
+            return roc_auc(self.labels, self.p_yes)
+        return self.total / self.count
 
 
 def _describe(image: Any) -> str:
