@@ -91,9 +91,9 @@ def test_end_of_demo_marker(pipe, reference_checkpoint):
     marker, stops = end_of_demo_marker(instruct)
     eou = instruct.tokenizer.token_to_id("<end_of_utterance>")
     assert marker == "<end_of_utterance>" and eou in stops
+    # each demonstration ends with exactly one marker ("\n" is already the open-ended separator)
     assert template_for(MINI_TASKS["mini-vqa"].template, marker).end_of_chunk == marker
-    # each demonstration ends with exactly one marker
-    assert template_for(MINI_TASKS["mini-vqa"].template, "\n").end_of_chunk == ""  # "\n" is the separator
+    assert template_for(MINI_TASKS["mini-vqa"].template, "\n").end_of_chunk == ""
     assert template_for(MINI_TASKS["mini-digits"].template, "\n").end_of_chunk == "\n"
 
 
