@@ -157,8 +157,9 @@ def vision_config_for(source: str, config: dict[str, Any] | None) -> tuple[Visio
     raise ValueError(f"unknown vision source {source!r}: use efficientnet_lite0, clip or clip:FOLDER")
 
 
-def vision_state(source: str, model: Idefics, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Backbone tensors for `model.vision_model.*`, keyed as in the model."""
+def vision_state(source: str, model: Idefics | None = None, seed: int = 0,
+                 std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Backbone tensors for `model.vision_model.*`, keyed as in the model (`model` only for random weights)."""
     if source == "efficientnet_lite0":
         from ..backbones import load_efficientnet_lite0
 
@@ -172,6 +173,8 @@ def vision_state(source: str, model: Idefics, seed: int, std: float = 0.02) -> d
                     out[VISION_PREFIX + name[len(prefix):]] = load()
                     break
         return out
+    if model is None:
+        raise ValueError(f"vision source {source!r} has random weights: it cannot be rebuilt from its name")
     gen = torch.Generator().manual_seed(seed + 1)  # random CLIP: LayerNorms at identity, matrices N(0, std)
     out = {}
     for name, p in model.model.vision_model.state_dict().items():
@@ -324,16 +327,22 @@ def build_model(spec: ModelSpec, tokenizer_dir: str | Path) -> tuple[Idefics, To
     return model, tokenizer, images
 
 
-def backbone_state_dict(sources: dict[str, str], model: Idefics) -> dict[str, torch.Tensor]:
-    """The frozen tensors an export by reference leaves out, rebuilt from their sources and keyed as in
-    `model` (`sources` is the config's `idefics_backbones`: {"language": ..., "vision": ...})."""
+def backbone_state_dict(sources: dict[str, str], config: IdeficsConfig) -> dict[str, torch.Tensor]:
+    """The frozen tensors an export by reference leaves out, rebuilt from their sources and keyed as in the
+    model. `sources` is config.json's `idefics_backbones`, e.g. {"language": "gguf:smollm2",
+    "vision": "efficientnet_lite0"}; sources with random weights ("random", "clip") cannot be rebuilt."""
+    unknown = sorted(set(sources) - {"language", "vision"})
+    if unknown:
+        raise ValueError(f"idefics_backbones: unknown parts {unknown} (language, vision)")
     out: dict[str, torch.Tensor] = {}
     if "language" in sources:
-        lang = load_language_backbone(sources["language"])
+        if sources["language"] == "random":
+            raise ValueError("idefics_backbones: language 'random' cannot be rebuilt from its name")
+        lang = load_language_backbone(sources["language"], tokenizer=None)
         out.update({k: v for k, v in lang.state_dict.items()
-                    if not (model.config.tie_word_embeddings and k == "lm_head.weight")})
+                    if not (config.tie_word_embeddings and k == "lm_head.weight")})
     if "vision" in sources:
-        out.update(vision_state(sources["vision"], model, 0))
+        out.update(vision_state(sources["vision"]))
     return out
 
 

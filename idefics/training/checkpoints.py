@@ -159,7 +159,7 @@ def export(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Pat
     config.extra.pop("idefics_backbones", None)
     skip: tuple[str, ...] = ()
     if backbones:
-        reference = backbone_state_dict(backbones, model)
+        reference = backbone_state_dict(backbones, model.config)
         changed = [k for k, v in reference.items() if k in state and not torch.equal(state[k].cpu().to(v.dtype), v)]
         if changed:
             raise ValueError(f"cannot export by reference: {len(changed)} backbone tensors differ from their "

@@ -82,14 +82,34 @@ class RunConfig:
         return [SourceSpec.from_dict(s) for s in self.data.train]
 
 
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Numbers and booleans written as strings become numbers and booleans. (YAML 1.1 reads `3e-4`, without
+    a dot, as a string; command-line overrides are strings to begin with.)"""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(names)}")
-    return cls(**data)
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(fields)}")
+    defaults = cls()
+    return cls(**{k: _coerce(v, getattr(defaults, k), f"{where}.{k}") for k, v in data.items()})
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -99,7 +119,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"config: unknown top-level keys {unknown}; known: {sorted(top)}")
     config = RunConfig(out_dir=str(data.get("out_dir", RunConfig.out_dir)),
-                       model=ModelSpec.from_dict(data.get("model") or {}),
+                       model=_build(ModelSpec, data.get("model") or {}, "model"),
                        data=_build(DataConfig, data.get("data") or {}, "data"),
                        train=_build(TrainConfig, data.get("train") or {}, "train"),
                        lora=data.get("lora"), init_from=data.get("init_from"))

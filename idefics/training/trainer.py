@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
+from ..config import IdeficsConfig
 from ..processor import ImageSettings
 from ..tokenizer import Tokenizer
 from . import distributed as dist_utils
 from .batches import BatchStream, SourceSpec
-from .build import build_model, copy_tokenizer, freeze
+from .build import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict, build_model, copy_tokenizer, freeze
 from .checkpoints import (CheckpointError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
                           save_checkpoint)
 from .collate import Collator, SampleEncoder
@@ -135,10 +136,12 @@ class Metrics:
 def setup_model(config: RunConfig, tokenizer_dir: Path) -> tuple[torch.nn.Module, Tokenizer, ImageSettings]:
     """Build from backbones (or load `init_from`), freeze per `train.trainable`, apply LoRA if configured."""
     if config.init_from:  # e.g. instruction tuning from a pretraining export
-        from ..mini import backbone_tensors
-
         folder = Path(config.init_from)
-        model = load_model(folder, dtype="float32", extra_tensors=backbone_tensors(folder))
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"init_from: {folder} has no config.json (expected an exported model folder)")
+        sources = json.loads((folder / "config.json").read_text()).get("idefics_backbones")
+        extra = backbone_state_dict(sources, IdeficsConfig.from_json(folder / "config.json")) if sources else None
+        model = load_model(folder, dtype="float32", extra_tensors=extra)
         copy_tokenizer(folder, tokenizer_dir)
         tokenizer = Tokenizer.from_folder(tokenizer_dir)
         images = ImageSettings.from_folder(folder, model.config.vision_config.image_size)
@@ -339,6 +342,10 @@ def finish(config: RunConfig, loss_model: torch.nn.Module, model: torch.nn.Modul
     """Export the trained model to out_dir/export (LoRA adapters merged first)."""
     if config.train.export == "none":
         return None
+    # which backbones trained (directly, or through LoRA adapters inside them): those are exported in full
+    trained = {part for name, p in model.named_parameters() if p.requires_grad
+               for part, prefixes in (("language", LANGUAGE_PREFIXES), ("vision", (VISION_PREFIX,)))
+               if name.startswith(prefixes)}
     if config.lora:
         from .lora import merge_lora
 
@@ -353,11 +360,11 @@ def finish(config: RunConfig, loss_model: torch.nn.Module, model: torch.nn.Modul
     if info.is_main:
         backbones = None
         if config.train.export == "reference":
-            backbones = model.config.extra.get("idefics_backbones")
-            if backbones and backbones.get("language") == "random":
-                backbones = {k: v for k, v in backbones.items() if k != "language"}
-            if backbones and not backbones.get("vision", "").startswith("efficientnet"):
-                backbones = {k: v for k, v in backbones.items() if k != "vision"}
+            # left out: backbones that did not train and can be rebuilt from their name
+            named = model.config.extra.get("idefics_backbones") or {}
+            backbones = {k: v for k, v in named.items() if k not in trained and
+                         ((k == "language" and v != "random")
+                          or (k == "vision" and (v == "efficientnet_lite0" or v.startswith("clip:"))))}
         export(model, tokenizer_dir, out, images, backbones or None, state)
     dist_utils.barrier(info)
     return out
