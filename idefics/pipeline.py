@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import load_model
 from .generation import GenerationParams, TextStream, decode
+from .image_cache import ImageFeatureCache, with_cached_images
 from .images import ImagePolicy
 from .model import Idefics
 from .processor import ImageSettings, Processor, is_batch
@@ -32,6 +33,9 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.processor = processor
         self.name = name
+        # Perceiver outputs of recently seen images (chat turns, few-shot demonstrations), bounded in bytes;
+        # set to None to disable.
+        self.image_cache: ImageFeatureCache | None = ImageFeatureCache()
 
     @property
     def config(self):
@@ -67,6 +71,7 @@ class Pipeline:
         """`images=` (Idefics2 only): prompts are then strings with `<image>` markers, as in its reference."""
         image_kwargs = {} if images is None else {"images": images}
         inputs = self.processor(prompts, add_end_of_utterance_token=add_end_of_utterance_token, **image_kwargs)
+        inputs = with_cached_images(self.model, inputs, self.image_cache)
         params = self.params(**kwargs)
         rows = inputs["input_ids"].shape[0]
         ids: list[list[int]] = [[] for _ in range(rows)]
@@ -102,6 +107,7 @@ class Pipeline:
             raise ValueError("stream() takes one prompt (a list of items), not a batch")
         image_kwargs = {} if images is None else {"images": images}
         inputs = self.processor(prompt, add_end_of_utterance_token=add_end_of_utterance_token, **image_kwargs)
+        inputs = with_cached_images(self.model, inputs, self.image_cache)
         text = TextStream(self.detokenize)
         for step in decode(self.model, inputs, self.params(**kwargs), self.tokenizer.pad_token_id, self.detokenize):
             if step.active[0]:
@@ -123,6 +129,7 @@ class Pipeline:
             n = int(full["attention_mask"].sum()) - int(alone["attention_mask"].sum())
             if n <= 0:
                 raise ValueError(f"continuation {continuation!r} adds no tokens to its prompt")
+            full = with_cached_images(self.model, full, self.image_cache)
             logits = self.model(**{k: v.to(self.model.device) for k, v in full.items()}).logits[0].float()
             targets = full["input_ids"][0, -n:].to(logits.device)
             logprobs = logits[-n - 1:-1].log_softmax(-1).gather(1, targets[:, None])
