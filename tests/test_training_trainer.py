@@ -124,7 +124,7 @@ def test_export_loads_with_idefics_load(tmp_path):
     rebuilt.load_state_dict(trained, strict=False)
     inputs = pipe.processor([[image(1), "a red cat"]])
     with torch.no_grad():
-        assert torch.equal(pipe.model(**inputs).logits, rebuilt.eval()(**inputs).logits)
+        assert torch.allclose(pipe.model(**inputs).logits, rebuilt.eval()(**inputs).logits, atol=1e-5)
     assert pipe.processor.images.size == 28
 
 

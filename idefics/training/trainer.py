@@ -156,6 +156,21 @@ def setup_model(config: RunConfig, tokenizer_dir: Path) -> tuple[torch.nn.Module
     return model, tokenizer, images
 
 
+@torch.no_grad()
+def gate_values(model: torch.nn.Module) -> dict[str, float]:
+    """Mean |tanh(alpha)| of the cross-attention and dense gates: how much the new blocks contribute.
+    (Under FSDP every process must call this: gathering a sharded gate is collective.)"""
+    def mean_abs_tanh(name: str) -> float:
+        values = []
+        for layer in model.model.gated_cross_attn_layers:
+            alpha = getattr(layer, name)
+            alpha = alpha.full_tensor() if hasattr(alpha, "full_tensor") else alpha
+            values.append(torch.tanh(alpha.float()).abs().mean())
+        return float(torch.stack(values).mean()) if values else 0.0
+
+    return {"gate_xattn": mean_abs_tanh("alpha_cross_attn"), "gate_dense": mean_abs_tanh("alpha_dense")}
+
+
 def micro_batches(rows: list, size: int) -> list[list]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
@@ -252,7 +267,10 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         if config.data.val is None:
             return None
         loss_model.eval()
-        val = stream([SourceSpec("val", config.data.val, 1.0, 1)], False, rows_per_process)
+        # every process reads all validation data and keeps its rows: the same rows whatever the process count
+        val = BatchStream([SourceSpec("val", config.data.val, 1.0, 1)], encoder, rows_per_step=rows_per_process,
+                          pack=dc.pack, rank=info.rank, world_size=info.world_size, split="batch", seed=tc.seed,
+                          shuffle=False, on_error=dc.on_error)
         total = torch.zeros(3, dtype=torch.float64)
         for _ in range(tc.val_batches):
             rows = val.next_rows()
@@ -275,8 +293,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     for step in range(start_step, tc.steps):
         t0 = time.time()
         rows = data.next_rows()
-        if rows is None:
-            print(f"the training data ran out at step {step} (sources with epochs: null cycle forever)")
+        # every process must stop at the same step, or the others would wait for it forever
+        ran_out = dist_utils.all_reduce_sum(torch.tensor(float(rows is None)).to(info.device), info)
+        if float(ran_out) > 0:
+            if info.is_main:
+                print(f"the training data ran out at step {step} (sources with epochs: null cycle forever)")
             break
         batches = [collate(chunk) for chunk in micro_batches(rows, micro)]
         # every micro-batch's loss is divided by the step's target count over all processes
@@ -310,7 +331,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             metrics.log({"split": "train", "step": step + 1, "loss": last_loss, "ce": ce_mean, "z": z_mean,
                          "lr": lr, "grad_norm": grad_norm, "targets": int(n_targets), "tokens": int(step_tokens),
-                         "tokens_per_s": step_tokens / dt, "step_time": dt, "skipped": data.errors})
+                         "tokens_per_s": step_tokens / dt, "step_time": dt, "skipped": data.errors,
+                         **gate_values(model)})
         if bar is not None:
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
             bar.update(1)
