@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Any
 
 
+def read_json(path: str | Path, required: bool = True) -> dict[str, Any]:
+    """A JSON file of a checkpoint folder; a missing optional file reads as {}. Errors name the file."""
+    path = Path(path)
+    if not path.exists() and not required:
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+
+
 def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     names = {f.name for f in dataclasses.fields(cls)}
     known = {k: v for k, v in data.items() if k in names}
@@ -120,12 +131,7 @@ class IdeficsConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "IdeficsConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read model config {path}: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def validate(self) -> None:
         problems = []

@@ -39,6 +39,17 @@ class DecodeCache:
             self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
 
 
+def to_model(inputs: dict[str, torch.Tensor], keys: tuple[str, ...], device: torch.device,
+             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The given tensors of `inputs` on the model's device; floating-point ones in the model's dtype."""
+    out = {}
+    for key in keys:
+        if inputs.get(key) is not None:
+            value = inputs[key].to(device)
+            out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
 class IdeficsModel(nn.Module):
     def __init__(self, config: IdeficsConfig) -> None:
         super().__init__()
@@ -177,12 +188,7 @@ class Idefics(nn.Module):
 
     def prefill_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The processor outputs the first forward of generation needs, on the model's device and dtype."""
-        out = {}
-        for key in ("pixel_values", "image_attention_mask", "image_hidden_states"):
-            if inputs.get(key) is not None:
-                value = inputs[key].to(self.device)
-                out[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return out
+        return to_model(inputs, ("pixel_values", "image_attention_mask", "image_hidden_states"), self.device, self.dtype)
 
     def step_inputs(self, prefill: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What each decoding step needs besides the new token: new tokens attend to the image the last

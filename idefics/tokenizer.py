@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
+
+from .config import read_json
 
 FAKE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
@@ -19,15 +20,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from None
 
 
 class Tokenizer:
@@ -50,8 +42,8 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json")
         backend = RustTokenizer.from_file(str(path))
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json(folder / "tokenizer_config.json", required=False)
+        special_map = read_json(folder / "special_tokens_map.json", required=False)
         special = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             special[name] = _token_text(special_map.get(name)) or _token_text(config.get(name))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import _split_known, _sub_to_dict
+from ..config import _split_known, _sub_to_dict, read_json
 
 
 def _from_dict(cls: type, data: dict[str, Any]):
@@ -127,12 +127,7 @@ class Idefics2Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Idefics2Config":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read model config {path}: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def validate(self) -> None:
         t, v, p = self.text_config, self.vision_config, self.perceiver_config

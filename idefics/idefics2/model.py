@@ -14,7 +14,7 @@ from torch import nn
 
 from ..language_model import DecoderLayer, causal_mask, position_ids_from_mask
 from ..layers import KVCache, RMSNorm, RotaryEmbedding
-from ..model import DecodeCache, ModelOutput
+from ..model import DecodeCache, ModelOutput, to_model
 from .config import Idefics2Config, MistralConfig
 from .connector import Idefics2Connector
 from .vision import Idefics2VisionTransformer, patch_attention_mask
@@ -160,12 +160,8 @@ class Idefics2(nn.Module):
 
     def prefill_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The processor outputs the first forward of generation needs, on the model's device and dtype."""
-        out = {}
-        for key in ("pixel_values", "pixel_attention_mask", "image_hidden_states"):
-            if inputs.get(key) is not None:
-                value = inputs[key].to(self.device)
-                out[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return out
+        return to_model(inputs, ("pixel_values", "pixel_attention_mask", "image_hidden_states"), self.device,
+                        self.dtype)
 
     def step_inputs(self, prefill: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoding steps need nothing besides the new token: the image tokens are already in the KV cache."""

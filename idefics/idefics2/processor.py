@@ -21,7 +21,6 @@ reference expands the text by its image processor's setting only, so the two can
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..config import read_json
 from ..images import ImagePolicy, is_image_item, load_image
 from ..tokenizer import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, Tokenizer
 
@@ -62,9 +62,9 @@ class Idefics2ImageSettings:
     def from_folder(cls, folder: str | Path) -> "Idefics2ImageSettings":
         """From `preprocessor_config.json` (hub layout) or the `image_processor` entry of `processor_config.json`
         (the single file transformers 5 writes)."""
-        data = read_json(Path(folder) / "preprocessor_config.json")
+        data = read_json(Path(folder) / "preprocessor_config.json", required=False)
         if not data:
-            data = read_json(Path(folder) / "processor_config.json").get("image_processor") or {}
+            data = read_json(Path(folder) / "processor_config.json", required=False).get("image_processor") or {}
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         for key in ("image_mean", "image_std"):
             if key in known:
@@ -72,15 +72,6 @@ class Idefics2ImageSettings:
         settings = cls(**known)
         validate_size(settings.size)
         return settings
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from None
 
 
 def validate_size(size: dict[str, int]) -> None:
@@ -208,7 +199,7 @@ def read_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.jinja").exists():
         return (folder / "chat_template.jinja").read_text()
     for name in ("chat_template.json", "processor_config.json"):
-        template = read_json(folder / name).get("chat_template")
+        template = read_json(folder / name, required=False).get("chat_template")
         if template:
             return template
     return None
@@ -238,7 +229,7 @@ class Idefics2Processor:
         """Settings from `preprocessor_config.json` and `processor_config.json` (whose `image_seq_len` wins over
         the `image_seq_len` argument, normally the model's perceiver latents)."""
         folder = Path(folder)
-        image_seq_len = int(read_json(folder / "processor_config.json").get("image_seq_len", image_seq_len))
+        image_seq_len = int(read_json(folder / "processor_config.json", required=False).get("image_seq_len", image_seq_len))
         return cls(tokenizer, Idefics2ImageSettings.from_folder(folder), image_seq_len, policy, max_length,
                    read_chat_template(folder))
 
