@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo on loopback) give the losses of one process with the same global batch, with
-DDP and with FSDP; an FSDP checkpoint (gathered to full tensors) resumes in one process."""
+DDP and with FSDP (and gradient accumulation); an FSDP checkpoint (gathered to full tensors) resumes in one
+process."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one(one_process, mode):
     root = one_process
-    run(root, root / mode, 2, f"train.distributed={mode}")
+    # 2 rows per process in micro-batches of 1: accumulation (DDP no_sync / FSDP deferred reduce-scatter) too
+    run(root, root / mode, 2, f"train.distributed={mode}", "train.micro_batch_size=1")
     assert losses(root / mode) == pytest.approx(losses(root / "one"), rel=1e-5)
     a = load_file(str(root / "one" / "export" / "model.safetensors"))
     b = load_file(str(root / mode / "export" / "model.safetensors"))

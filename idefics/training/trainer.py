@@ -308,6 +308,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         sums = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
+            if info.mode == "fsdp":  # reduce-scatter gradients once per step, not once per micro-batch
+                loss_model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or info.mode != "ddp" else loss_model.no_sync()
             with sync:
                 ce, z, _ = forward(batch)
