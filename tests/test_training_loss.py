@@ -62,3 +62,29 @@ def test_loss_model_equals_loss_on_full_logits(reference_checkpoint):
     assert logits.shape[-1] == vocab
     assert int(n) == int((shift_labels(labels) != IGNORE_INDEX).sum()) == 8 + 6
     assert torch.allclose((ce + 1e-3 * z) / n, reference_loss(logits, labels, 1e-3), atol=1e-5)
+
+
+def test_blank_image_column_leaves_the_loss_unchanged(reference_checkpoint):
+    """FSDP runs text-only batches with an extra padding column that sees a blank image: same loss."""
+    from idefics.checkpoint import load_model
+    from idefics.training.collate import with_blank_image
+
+    folder, _ = reference_checkpoint("small_instruct")
+    model = load_model(folder)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0
+    labels = torch.where(attention.bool(), ids, IGNORE_INDEX)
+    batch = dict(input_ids=ids, attention_mask=attention, labels=labels, pixel_values=torch.zeros(2, 1, 3, 56, 56),
+                 image_attention_mask=torch.zeros(2, 9, 1, dtype=torch.long))
+    image_id = model.config.vocab_size + 1
+    blank = with_blank_image(batch, image_id)
+    assert blank["input_ids"].shape == (2, 10) and (blank["input_ids"][:, -1] == image_id).all()
+    assert not blank["attention_mask"][:, -1].any() and (blank["labels"][:, -1] == IGNORE_INDEX).all()
+    assert blank["image_attention_mask"][:, -1, 0].tolist() == [1, 1] and not blank["image_attention_mask"][:, :-1].any()
+    with torch.no_grad():
+        plain, padded = LossModel(model)(**batch), LossModel(model)(**blank)
+    assert all(torch.allclose(a.double(), b.double(), atol=1e-5) for a, b in zip(plain, padded))
+    with_images = {**batch, "image_attention_mask": torch.ones(2, 9, 1, dtype=torch.long)}
+    assert with_blank_image(with_images, image_id) is with_images

@@ -42,14 +42,16 @@ def caption(i: int) -> str:
 
 
 def write_shards(folder: Path, n: int = 48, per_shard: int = 16, kinds: str = "pdc", start: int = 0) -> Path:
-    """Shards of pairs (p), documents (d) and chats (c), cycling through `kinds`."""
+    """Shards of pairs (p), documents (d), chats (c) and text-only documents (t), cycling through `kinds`."""
     from idefics.data import Sample, ShardWriter, Turn
 
     folder.mkdir(parents=True, exist_ok=True)
     with ShardWriter(str(folder / "part-%05d.tar"), max_count=per_shard) as writer:
         for i in range(start, start + n):
             kind = kinds[i % len(kinds)]
-            if kind == "p":
+            if kind == "t":  # text only
+                writer.write(Sample("document", f"t{i}", items=[caption(i) + " " + caption(i + 1)]))
+            elif kind == "p":
                 writer.write(Sample("pair", f"p{i}", items=[image(i), caption(i)]))
             elif kind == "d":
                 writer.write(Sample("document", f"d{i}", items=["the picture", image(i), caption(i),

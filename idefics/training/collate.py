@@ -203,3 +203,22 @@ class Collator:
         mask = mask * attention[..., None]  # padding sees no image
         return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
                 "pixel_values": pixel_values, "image_attention_mask": mask}
+
+
+def with_blank_image(batch: dict[str, torch.Tensor], image_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch in which no token sees an image, plus one padding column: an `<image>` token that sees a blank
+    image.
+
+    Under FSDP every process must run the same sharded blocks in the same order and give every trainable
+    parameter a gradient, but a text-only batch skips the vision tower, the perceiver, the image projections
+    and the new-token embedding rows. The extra column uses them all; it is padding (attention mask 0, no
+    label) that no other token attends to, so the losses do not change."""
+    if batch["image_attention_mask"].bool().any():
+        return batch
+    b = batch["input_ids"].shape[0]
+    column = lambda t, value: torch.cat([t, torch.full((b, 1), value, dtype=t.dtype)], dim=1)  # noqa: E731
+    image_mask = torch.zeros(b, batch["input_ids"].shape[1] + 1, 1, dtype=batch["image_attention_mask"].dtype)
+    image_mask[:, -1, 0] = 1
+    return {**batch, "input_ids": column(batch["input_ids"], image_token_id),
+            "attention_mask": column(batch["attention_mask"], 0), "labels": column(batch["labels"], IGNORE_INDEX),
+            "pixel_values": torch.zeros_like(batch["pixel_values"][:, :1]), "image_attention_mask": image_mask}

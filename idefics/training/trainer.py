@@ -35,7 +35,7 @@ from .batches import BatchStream, SourceSpec
 from .build import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict, build_model, copy_tokenizer, freeze
 from .checkpoints import (CheckpointError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
                           save_checkpoint)
-from .collate import Collator, SampleEncoder
+from .collate import Collator, SampleEncoder, with_blank_image
 from .config import RunConfig
 from .loss import LossModel
 
@@ -203,7 +203,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     loss_model = dist_utils.wrap(LossModel(model), info)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(loss_model, tc.weight_decay), lr=tc.lr, betas=tc.betas,
-                                  eps=tc.eps, foreach=False)
+                                  eps=tc.eps)
     rows_per_process, remainder = divmod(tc.batch_size, info.world_size)
     micro = tc.micro_batch_size or rows_per_process
     if remainder or rows_per_process % micro:
@@ -258,6 +258,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     autocast = (lambda: torch.autocast(info.device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def forward(batch: dict[str, torch.Tensor]):
+        if info.mode == "fsdp":  # every process must run the image path (see with_blank_image)
+            batch = with_blank_image(batch, encoder.image_token_id)
         batch = {k: v.to(info.device) for k, v in batch.items()}
         with autocast():
             return loss_model(**batch)
