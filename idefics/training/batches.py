@@ -63,6 +63,7 @@ class BatchStream:
         self.mixture = Mixture([Source(s.name, self.readers[s.name], s.weight, s.epochs) for s in sources], seed=seed)
         self.skipped: Counter[str] = Counter()  # encoding errors (the readers count their own)
         self._rows: Iterator[tuple[list[Encoded], dict]] | None = None
+        self._position: dict | None = None  # mixture state after the last step returned
 
     @property
     def errors(self) -> dict[str, int]:
@@ -120,7 +121,7 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         """The position after the last step returned by `next_rows`."""
-        position = getattr(self, "_position", None) or self.mixture.state_dict()
+        position = self._position or self.mixture.state_dict()
         return {"mixture": position, "skipped": dict(self.skipped),
                 "reader_errors": {n: dict(r.errors) for n, r in self.readers.items()}}
 
