@@ -9,10 +9,9 @@ still runs for them). Image keys/values do not depend on the text, so generation
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, attention
 
 
 class CrossAttention(nn.Module):
@@ -42,7 +41,7 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
             q = self.q_layer_norm(q)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        out = attention(q, kv[0], kv[1], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -5,10 +5,9 @@ with keys as in Hugging Face checkpoints: `self_attn.{q,k,v,o}_proj`, `mlp.{gate
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention
 
 
 class SelfAttention(nn.Module):
@@ -30,7 +29,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        out = attention(q, k, v, mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

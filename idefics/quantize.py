@@ -50,12 +50,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        module = cls(w.shape[1], w.shape[0], device="meta")
-        module.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        module.scales = scales
+    def from_weight(cls, weight: torch.Tensor, rows: int = 1024) -> "Int8Linear":
+        """Quantized `rows` output channels at a time, so the float32 temporaries stay small (9B layers are
+        11008 x 4096: converting whole would add ~0.7 GB of temporaries to the peak)."""
+        n, k = weight.shape
+        module = cls(k, n, device="meta")
+        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+        for start in range(0, n, rows):
+            w = weight[start:start + rows].detach().float()
+            s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+            q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127)
+            scales[start:start + rows] = s
+        module.weight, module.scales = q, scales
         return module
 
     def dequantized(self) -> torch.Tensor:
@@ -115,6 +122,94 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group={self.group}"
 
 
+class PackedLinear(nn.Module):
+    """A float Linear whose weight is reordered once into oneDNN's blocked layout, for CPU inference.
+
+    Plain `F.linear` re-arranges the weight on every call for bf16 and goes through MKL for float32, which
+    runs its slower generic path on this (AMD, AVX-512) CPU; the prepacked oneDNN kernel was measured 1.4-1.7x
+    faster for decoding (matrix-vector) and ~2x for float32 prefill (matrix-matrix). Same arithmetic: bf16
+    results are identical, float32 ones differ by rounding only. The state dict holds the plain weight
+    (unpacked on save, repacked on load), so checkpoints and `state_dict()` are unchanged; no autograd."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(self.pack(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @staticmethod
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+    @staticmethod
+    def supports(linear: nn.Module) -> bool:
+        w = getattr(linear, "weight", None)
+        return (type(linear) is nn.Linear and w is not None and w.device.type == "cpu" and not w.is_meta
+                and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # mixed-dtype callers get the plain path
+            return F.linear(x, self.weight.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "weight"] = self.weight.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if prefix + "weight" in state_dict:
+            self.weight = nn.Parameter(self.pack(state_dict[prefix + "weight"].to(self.weight.dtype)),
+                                       requires_grad=False)
+        elif strict:
+            missing_keys.append(prefix + "weight")
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            elif strict:
+                missing_keys.append(prefix + "bias")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"oneDNN-packed {str(self.weight.dtype).removeprefix('torch.')}")
+
+
+class PackedOutput(PackedLinear):
+    """IDEFICS' decoupled output layer (`layers.DecoupledLinear`) with its vocabulary weight packed: logits are
+    [vocabulary logits, `additional_fc` logits]. Same state-dict keys (`weight`, `additional_fc.weight`)."""
+
+    def __init__(self, weight: torch.Tensor, additional_fc: nn.Module | None) -> None:
+        super().__init__(weight, None)
+        self.additional_fc = additional_fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if self.additional_fc is None else torch.cat([logits, self.additional_fc(x)], dim=-1)
+
+
+@torch.no_grad()
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """Replace every float Linear of `model.model` (vision, perceiver, decoder, cross-attention) by a
+    `PackedLinear`, and IDEFICS' output layer by a `PackedOutput` unless it shares the embedding, in place.
+    For inference on CPU; modules on other devices are left alone."""
+    from .layers import DecoupledLinear
+
+    inner = getattr(model, "model", model)
+    for name, module in list(inner.named_modules()):
+        if PackedLinear.supports(module):
+            parent, _, leaf = name.rpartition(".")
+            setattr(inner.get_submodule(parent), leaf, PackedLinear(module.weight, module.bias))
+    head = getattr(model, "lm_head", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if (type(head) is DecoupledLinear and head.weight is not getattr(embed, "weight", None)
+            and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()):
+        model.lm_head = PackedOutput(head.weight, head.additional_fc)
+    return model
+
+
 def quantize_weight(weight: torch.Tensor, mode: str) -> nn.Module:
     """A quantized replacement for a bias-free Linear with this weight ([out, in]). int4 falls back to int8 for
     shapes the packed kernel does not take."""
@@ -124,10 +219,15 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> nn.Module:
 
 
 def is_target(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.bias is None and name.startswith(TARGET_PREFIXES)
+    linear = isinstance(module, nn.Linear) or type(module) is PackedLinear
+    return linear and module.bias is None and name.startswith(TARGET_PREFIXES)
 
 
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def plain_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.to_dense() if module.weight.is_mkldnn else module.weight
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name → Linear for every layer `quantize_model` converts."""
     return {name: m for name, m in model.named_modules() if is_target(name, m)}
 
@@ -145,7 +245,7 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
     if mode is None:
         return model
     for name, linear in target_linears(model).items():
-        replace_module(model, name, quantize_weight(linear.weight, mode))
+        replace_module(model, name, quantize_weight(plain_weight(linear), mode))
     model.quantization = mode
     return model
 

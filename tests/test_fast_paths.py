@@ -1,0 +1,114 @@
+"""The CPU fast paths give the plain path's outputs: prepacked oneDNN linears (bf16 bit-identical, float32 to
+rounding), float32 attention for single-query bf16 steps, and cached decoding equal to full forwards with
+both. State dicts of packed models are unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import idefics
+from idefics.checkpoint import load_model, save_model
+from idefics.layers import DecoupledLinear, attention
+from idefics.quantize import PackedLinear, PackedOutput, pack_for_cpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(dtype, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias).to(dtype)
+    packed = PackedLinear(linear.weight, linear.bias)
+    for shape in [(1, 96), (3, 5, 96), (130, 96)]:
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            expected, got = linear(x), packed(x)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    state = packed.state_dict()
+    assert set(state) == set(linear.state_dict()) and torch.equal(state["weight"], linear.weight)
+    other = PackedLinear(torch.zeros(80, 96, dtype=dtype), torch.zeros(80, dtype=dtype) if bias else None)
+    other.load_state_dict(linear.state_dict())
+    assert torch.equal(other.state_dict()["weight"], linear.weight)
+
+
+def test_attention_single_query_bf16_runs_in_float32():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 16).bfloat16()
+    k, v = torch.randn(2, 4, 30, 16).bfloat16(), torch.randn(2, 4, 30, 16).bfloat16()
+    mask = torch.zeros(2, 1, 1, 30, dtype=torch.bfloat16)
+    mask[0, ..., :5] = torch.finfo(torch.bfloat16).min
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    fast = attention(q, k, v, mask)
+    assert fast.dtype == torch.bfloat16
+    assert torch.equal(fast, F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                            attn_mask=mask.float()).bfloat16())
+    assert (fast.double() - exact).abs().max() <= (F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask).double() - exact).abs().max() + 1e-2
+    q3 = torch.randn(2, 4, 3, 16).bfloat16()  # several queries: the plain kernel
+    assert torch.equal(attention(q3, k, v), F.scaled_dot_product_attention(q3, k, v))
+
+
+@pytest.fixture(scope="module")
+def folder(reference_checkpoint):
+    return reference_checkpoint("small_9b")[0]
+
+
+def batch(pipe, images):
+    return pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]],
+                           ["text only"]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_model_matches_plain_model(folder, images, dtype):
+    plain = load_model(folder, dtype=dtype)
+    packed = pack_for_cpu(load_model(folder, dtype=dtype))
+    assert isinstance(packed.lm_head, PackedOutput) and type(plain.lm_head) is DecoupledLinear
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    pipe = idefics.load(folder, dtype=dtype)
+    inputs = batch(pipe, images)
+    with torch.no_grad():
+        a = plain(**plain.prefill_inputs(inputs), input_ids=inputs["input_ids"],
+                  attention_mask=inputs["attention_mask"]).logits
+        b = packed(**packed.prefill_inputs(inputs), input_ids=inputs["input_ids"],
+                   attention_mask=inputs["attention_mask"]).logits
+    if dtype == "bfloat16":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    sa, sb = plain.state_dict(), packed.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_packs_and_save_round_trips(folder, images, tmp_path):
+    pipe = idefics.load(folder)
+    assert isinstance(pipe.model.model.layers[0].mlp.up_proj, PackedLinear)
+    save_model(pipe.model, tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved")
+    original = load_model(folder).state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_decoding_equals_full_forward_on_fast_path(folder, images, dtype):
+    pipe = idefics.load(folder, dtype=dtype)
+    pipe.image_cache = None
+    inputs = batch(pipe, images)
+    steps = 5
+    new = torch.tensor([g.token_ids for g in pipe.generate_detailed(
+        [["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]], ["text only"]],
+        max_new_tokens=steps, stop_token_ids=[])])
+    ids = torch.cat([inputs["input_ids"], new], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
+    image_mask = torch.cat([inputs["image_attention_mask"],
+                            inputs["image_attention_mask"][:, -1:].expand(-1, steps, -1)], 1)
+    with torch.no_grad():
+        full = pipe.model(ids, mask, inputs["pixel_values"].to(pipe.model.dtype), image_mask).logits
+    prefix = inputs["input_ids"].shape[1]
+    assert torch.equal(full[:, prefix - 1:-1].argmax(-1), new)
