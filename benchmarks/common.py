@@ -1,0 +1,137 @@
+"""Helpers for the speed benchmark: model presets, a random-weight checkpoint writer that streams shard by shard
+(so the 9B model is never in memory at once), prompt inputs, memory bandwidth, and robust timing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from idefics.config import IdeficsConfig
+from idefics.model import Idefics
+from idefics.processor import image_attention_mask
+
+BOS, EOS, FAKE, IMAGE = 1, 2, 32000, 32001
+
+# The issue's 463M model: LLaMA 1024 x 16 layers, CLIP ViT 768 x 12, perceiver 6 blocks x 64 latents, xattn every 4.
+BENCH_463M = dict(
+    vocab_size=32000, additional_vocab_size=2, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+    num_attention_heads=16, rms_norm_eps=1e-6, max_position_embeddings=2048, cross_layer_interval=4,
+    qk_layer_norms=True, alpha_initializer="zeros", alpha_type="float", use_resampler=True,
+    perceiver_config=dict(use_resampler=True, resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                          resampler_head_dim=96, qk_layer_norms_perceiver=True),
+    vision_config=dict(embed_dim=768, image_size=224, intermediate_size=3072, patch_size=14, num_hidden_layers=12,
+                       num_attention_heads=12, hidden_act="gelu"),
+)
+
+# idefics-9b exactly (reference/idefics_spec.md 1.2): LLaMA-7B + CLIP ViT-H/14 + perceiver, xattn every 4 layers.
+IDEFICS_9B = dict(
+    vocab_size=32000, additional_vocab_size=2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048, cross_layer_interval=4,
+    qk_layer_norms=True, alpha_initializer="zeros", alpha_type="float", use_resampler=True,
+    perceiver_config=dict(use_resampler=True, resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                          resampler_head_dim=96, qk_layer_norms_perceiver=True),
+    vision_config=dict(embed_dim=1280, image_size=224, intermediate_size=5120, patch_size=14, num_hidden_layers=32,
+                       num_attention_heads=16, hidden_act="gelu"),
+)
+
+
+def random_tensor(name: str, shape: list[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic per-name random values at scales that keep activations sane through many layers
+    (the gates are non-zero so cross-attention changes the output)."""
+    digest = int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16)
+    gen = torch.Generator().manual_seed(digest)
+    if "alpha" in name:
+        out = 0.5 + 0.1 * torch.randn(shape, generator=gen)
+    elif len(shape) == 1 and name.endswith("weight"):  # norms
+        out = 1 + 0.05 * torch.randn(shape, generator=gen)
+    elif name.endswith("bias"):
+        out = 0.01 * torch.randn(shape, generator=gen)
+    elif "latents" in name or "embedding" in name or "embed_tokens" in name:
+        out = 0.5 * torch.randn(shape, generator=gen)
+    else:
+        fan_in = shape[-1] if len(shape) == 2 else max(1, int(torch.tensor(shape[1:]).prod()))
+        out = torch.randn(shape, generator=gen) / fan_in**0.5
+    return out.to(dtype)
+
+
+def write_random_checkpoint(folder: str | Path, config: dict, dtype: torch.dtype, seed: int = 0,
+                            shard_bytes: int = 2 * 2**30) -> Path:
+    """config.json + sharded safetensors with random weights. Only one shard is in memory at a time: the model
+    is built on the meta device just to list names and shapes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = IdeficsConfig.from_dict(config)
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in Idefics(cfg).state_dict().items()}
+    names, shard, size, weight_map, total = [], {}, 0, {}, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        names.append(name)
+        shard, size = {}, 0
+
+    for key, shape in shapes.items():
+        tensor = random_tensor(key, shape, seed, dtype)
+        if shard and size + tensor.nbytes > shard_bytes:
+            flush()
+        shard[key] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    data = cfg.to_dict()
+    data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def prompt_inputs(batch: int, tokens: int, images: int, image_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` rows of `tokens` tokens: <s>, the images (<fake><image>...<fake>), then random text."""
+    gen = torch.Generator().manual_seed(seed)
+    head = [BOS] + [t for _ in range(images) for t in (FAKE, IMAGE)] + ([FAKE] if images else [])
+    text = torch.randint(3, 32000, (batch, tokens - len(head)), generator=gen)
+    ids = torch.cat([torch.tensor(head).expand(batch, -1), text], 1)
+    n = max(images, 1)
+    mask = image_attention_mask(ids, IMAGE, EOS, n) if images else torch.zeros(batch, tokens, 1, dtype=torch.long)
+    pixels = torch.randn(batch, n, 3, image_size, image_size, generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+            "image_attention_mask": mask}
+
+
+def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: median time to sum a float32 buffer much larger than the caches."""
+    x = torch.ones(size_bytes // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return size_bytes / statistics.median(times)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
