@@ -145,3 +145,8 @@ def test_bad_data_is_skipped_and_counted_or_stops_naming_shard_and_key(tmp_path)
         train(config(tmp_path, tmp_path / "raise", *base, "data.on_error=raise"))
     assert error.value.key == "broken" and error.value.shard.endswith("zz-00000.tar")
     assert "zz-00000.tar" in str(error.value) and "broken" in str(error.value)
+    sets = [a for o in tiny_overrides(tmp_path, tmp_path / "cli", *base, "data.on_error=raise") for a in ("--set", o)]
+    result = subprocess.run([sys.executable, "-m", "idefics.training.cli", str(TINY), *sets], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "DataError: shard" in result.stderr and "zz-00000.tar" in result.stderr and "'broken'" in result.stderr

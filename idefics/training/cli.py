@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the newest checkpoint in out_dir (start fresh if there is none)")
     parser.add_argument("--out-dir", help="shorthand for --set out_dir=...")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.set_defaults(func=run)
 
 
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config, resume=args.resume)
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"idefics train: {error}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:  # bad data, config, checkpoint, backbone
+        if getattr(args, "debug", False):
+            raise
+        print(f"idefics train: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
