@@ -139,7 +139,8 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
 def load_quantized(model: nn.Module, tensors: dict, expected: dict, dtype: torch.dtype,
                    device: torch.device | str, mode: str) -> None:
     """Quantize each target weight right after reading it and drop the float copy, so peak memory is the
-    quantized model plus one weight (with loaders from `read_tensors`: no memory map keeps pages resident)."""
+    quantized model plus one weight (target loaders come from `read_tensors`: no memory map keeps their pages
+    resident)."""
     from .quantize import check_mode, quantize_weight, replace_module, target_linears
 
     mode = check_mode(mode)
@@ -215,8 +216,15 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     from .quantize import check_mode
 
     quantize = check_mode(quantize)
-    reader = iter_tensors if quantize is None else read_tensors
-    tensors = {name: (load, shape) for name, load, shape in reader(safetensors_files(folder))}
+    files = safetensors_files(folder)
+    tensors = {name: (load, shape) for name, load, shape in iter_tensors(files)}
+    if quantize is not None:
+        # Weights to quantize are read with plain file reads (nothing of them stays mapped and resident once
+        # quantized); the rest stays memory-mapped, as without quantization.
+        from .quantize import target_linears
+
+        targets = {f"{name}.weight" for name in target_linears(model)}
+        tensors.update({name: (load, shape) for name, load, shape in read_tensors(files) if name in targets})
     for name, tensor in (extra_tensors or {}).items():
         tensors.setdefault(name, (lambda t=tensor: t, list(tensor.shape)))
     check_and_load(model, tensors, target, device, str(folder), quantize=quantize)
