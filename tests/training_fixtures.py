@@ -80,3 +80,21 @@ def tiny_setup(root: Path) -> tuple[Path, Path]:
 def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     tok, data = tiny_setup(root)
     return [f"model.tokenizer={tok}", f"data.train=[{{shards: {data}}}]", f"out_dir={out}", *extra]
+
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_config(root: Path, out: Path, *extra: str):
+    """configs/tiny.yaml pointed at the tiny tokenizer and shards under `root`, writing to `out`."""
+    from idefics.training.config import load_config
+
+    return load_config(TINY, tiny_overrides(root, out, *extra))
+
+
+def losses(out: Path, split: str = "train") -> list[float]:
+    """The losses a run logged in metrics.jsonl, in order."""
+    import json
+
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == split]

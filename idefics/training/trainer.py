@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import IdeficsConfig
+from ..data import expand_shards
 from ..processor import ImageSettings
 from ..tokenizer import Tokenizer
 from . import distributed as dist_utils
@@ -37,6 +38,7 @@ from .checkpoints import (CheckpointError, export, frozen_fingerprint, list_chec
 from .collate import Collator, SampleEncoder, with_blank_image
 from .config import RunConfig
 from .loss import LossModel
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,52 +86,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Metrics:
-    """metrics.jsonl (one JSON object per line, `split` train or val) and loss.png. On resume the lines after
-    the checkpoint's step are dropped: those steps run again."""
-
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
-        self.path, self.png, self.enabled = out_dir / "metrics.jsonl", out_dir / "loss.png", enabled
-        self.records: list[dict] = []
-
-    def truncate(self, step: int) -> None:
-        if self.enabled and self.path.exists():
-            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            self.records = [r for r in lines if r["step"] <= step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            tmp.replace(self.path)
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def plot(self) -> None:
-        if not self.enabled or not self.records:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for split, style in (("train", "-"), ("val", "o-")):
-            points = [(r["step"], r["loss"]) for r in self.records if r["split"] == split]
-            if points:
-                ax.plot(*zip(*points), style, label=split, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (cross-entropy + z-loss)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.png.with_suffix(".tmp.png"), dpi=100)
-        plt.close(fig)
-        self.png.with_suffix(".tmp.png").replace(self.png)
 
 
 def setup_model(config: RunConfig, tokenizer_dir: Path) -> tuple[torch.nn.Module, Tokenizer, ImageSettings]:
@@ -268,8 +224,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         if config.data.val is None:
             return None
         loss_model.eval()
-        # every process reads all validation data and keeps its rows: the same rows whatever the process count
-        val = BatchStream([SourceSpec("val", config.data.val, 1.0, 1)], encoder, rows_per_step=rows_per_process,
+        # Every shard is a source of an evenly weighted mixture, so the first `val_batches` batches mix all
+        # the validation shards (read one after the other they would be the first shard's only); every
+        # process reads all of it and keeps its rows: the same rows whatever the process count.
+        shards = [SourceSpec(f"val{i}", path, 1.0, 1) for i, path in enumerate(expand_shards(config.data.val))]
+        val = BatchStream(shards, encoder, rows_per_step=rows_per_process,
                           pack=dc.pack, rank=info.rank, world_size=info.world_size, split="batch", seed=tc.seed,
                           shuffle=False, on_error=dc.on_error)
         total = torch.zeros(3, dtype=torch.float64)
