@@ -72,3 +72,11 @@ def test_accumulation_and_checkpointing_do_not_change_the_losses(tmp_path):
     assert losses(tmp_path / "ckpt") == pytest.approx(whole, rel=1e-6)
     with pytest.raises(ValueError, match="must split evenly"):
         train(load_config(TINY, tiny_overrides(tmp_path, tmp_path / "bad", *base, "train.micro_batch_size=3")))
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    base = ("train.steps=3", "train.save_every=0", "train.export=none")
+    train(load_config(TINY, tiny_overrides(tmp_path, tmp_path / "fp32", *base)))
+    train(load_config(TINY, tiny_overrides(tmp_path, tmp_path / "bf16", *base, "train.precision=bf16")))
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
+    assert losses(tmp_path / "bf16") != losses(tmp_path / "fp32")  # autocast really ran in bf16
