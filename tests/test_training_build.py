@@ -62,7 +62,7 @@ def test_new_token_rows_and_ids(built):
     assert torch.allclose(embed.additional_embedding.weight[1], embed.weight.mean(0))
     assert not head.additional_fc.weight[:2].any()
     assert images.size == 28
-    assert all(float(g.alpha_cross_attn) == 0 and float(g.alpha_dense) == 0
+    assert all(float(g.alpha_cross_attn.detach()) == 0 and float(g.alpha_dense.detach()) == 0
                for g in model.model.gated_cross_attn_layers)
 
 
