@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 from idefics.checkpoint import load_model  # noqa: E402
 from idefics.generation import GenerationParams, decode  # noqa: E402
-from idefics.quantize import pack_for_cpu  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -151,7 +150,7 @@ def child_memory(impl: str, folder: str, dtype: str, quantize: str | None, threa
         model = IdeficsForVisionText2Text.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
         run = reference_generate
     else:
-        model = pack_for_cpu(load_model(folder, dtype=dtype, quantize=quantize))  # as idefics.load does
+        model = load_model(folder, dtype=dtype, quantize=quantize, pack=True)  # as idefics.load does
         run = ours_generate
     loaded = time.perf_counter() - start
     stamps, _ = run(model, inputs, 16)
@@ -197,7 +196,7 @@ class Table:
 def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[float]) -> None:
     from transformers import IdeficsForVisionText2Text
 
-    ours = pack_for_cpu(load_model(folder, dtype=dtype))
+    ours = load_model(folder, dtype=dtype, pack=True)
     ref = IdeficsForVisionText2Text.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
     size = ours.config.vision_config.image_size
     runs = (("ours", ours_generate, ours), ("reference", reference_generate, ref))
@@ -233,12 +232,12 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
 
 def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) -> None:
     """int8/int4 against our bf16 model: speed (ours only, vs the reference's bf16 rate) and quality."""
-    base = pack_for_cpu(load_model(folder, dtype="bfloat16"))
+    base = load_model(folder, dtype="bfloat16", pack=True)
     size = base.config.vision_config.image_size
     prompts = quality_prompts(size)
     bf16_rates = {row[1]: float(row[3].split()[0]) for row in table.rows if row[0] == "bfloat16" and row[3] != "-"}
     for mode in args.quantize:
-        model = pack_for_cpu(load_model(folder, dtype="bfloat16", quantize=mode))
+        model = load_model(folder, dtype="bfloat16", quantize=mode, pack=True)
         q = quality(base, model, prompts)
         note = (f"top-1 agreement with bf16 {q['top1']:.1%}, max |logit diff| {q['max_diff']:.3g} "
                 f"(mean {q['mean_diff']:.2g}, logits up to {q['scale']:.3g})")

@@ -108,9 +108,10 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
 
 def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch.Tensor], list[int]]],
                    dtype: torch.dtype, device: torch.device | str, source: str,
-                   allow_missing: tuple[str, ...] = (), quantize: str | None = None) -> None:
+                   allow_missing: tuple[str, ...] = (), quantize: str | None = None, pack: bool = False) -> None:
     """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. With `quantize`
-    ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read."""
+    ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read;
+    with `pack` the other Linear weights become oneDNN-packed CPU layers (quantize.PackedLinear)."""
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = {"lm_head.weight"} if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied and not k.startswith(allow_missing))
@@ -125,8 +126,10 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model built from its config.json:\n"
                               + "\n".join(problems))
-    if quantize is not None:
-        load_quantized(model, tensors, expected, dtype, device, quantize)
+    if quantize is not None or pack:
+        from .quantize import weight_converters
+
+        load_converting(model, tensors, expected, dtype, device, weight_converters(model, quantize, pack, dtype))
         return
     state = {}
     for name, (load, _) in tensors.items():
@@ -136,15 +139,14 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
     model.load_state_dict(state, strict=False, assign=True)
 
 
-def load_quantized(model: nn.Module, tensors: dict, expected: dict, dtype: torch.dtype,
-                   device: torch.device | str, mode: str) -> None:
-    """Quantize each target weight right after reading it and drop the float copy, so peak memory is the
-    quantized model plus one weight (target loaders come from `read_tensors`: no memory map keeps their pages
-    resident)."""
-    from .quantize import check_mode, quantize_weight, replace_module, target_linears
+def load_converting(model: nn.Module, tensors: dict, expected: dict, dtype: torch.dtype,
+                    device: torch.device | str, converters: dict) -> None:
+    """Load with some weights turned into other modules as they are read (`converters`: weight name →
+    (module name, build(weight) → module); quantized or packed layers, see quantize.py). Each float weight is
+    dropped right after conversion, so peak memory is the converted model plus one weight (their loaders come
+    from `read_tensors`: no memory map keeps their pages resident)."""
+    from .quantize import replace_module
 
-    mode = check_mode(mode)
-    targets = {f"{name}.weight": name for name in target_linears(model)} if mode else {}
     state = {}
     for name in list(tensors):
         load, _ = tensors.pop(name)
@@ -152,13 +154,13 @@ def load_quantized(model: nn.Module, tensors: dict, expected: dict, dtype: torch
             continue
         tensor = load()
         tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        if name in targets:
-            replace_module(model, targets[name], quantize_weight(tensor, mode))
+        if name in converters:
+            module_name, build = converters[name]
+            replace_module(model, module_name, build(tensor))
         else:
             state[name] = tensor
         del tensor, load
     model.load_state_dict(state, strict=False, assign=True)
-    model.quantization = mode
 
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -201,11 +203,13 @@ def build_model(config) -> nn.Module:
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               extra_tensors: dict[str, torch.Tensor] | None = None, quantize: str | None = None):
+               extra_tensors: dict[str, torch.Tensor] | None = None, quantize: str | None = None,
+               pack: bool = False):
     """Build an `Idefics` or `Idefics2` model (per config.json `model_type`) from a checkpoint folder.
     `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini).
     `quantize` ("int8" | "int4"): weight-only quantization of the decoder and cross-attention, applied while
-    streaming the weights in (see quantize.py)."""
+    streaming the weights in; `pack`: Linear layers in oneDNN's prepacked layout for CPU inference (faster
+    matmuls, same state dict; see quantize.py). Off CPU or for other dtypes `pack` does nothing."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a checkpoint folder?)")
@@ -216,18 +220,21 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     from .quantize import check_mode
 
     quantize = check_mode(quantize)
+    pack = pack and torch.device(device).type == "cpu" and target in (torch.float32, torch.bfloat16)
     files = safetensors_files(folder)
     tensors = {name: (load, shape) for name, load, shape in iter_tensors(files)}
-    if quantize is not None:
-        # Weights to quantize are read with plain file reads (nothing of them stays mapped and resident once
-        # quantized); the rest stays memory-mapped, as without quantization.
-        from .quantize import target_linears
+    if quantize is not None or pack:
+        # Weights to convert are read with plain file reads (nothing of them stays mapped and resident once
+        # converted); the rest stays memory-mapped, as in the plain path.
+        from .quantize import weight_converters
 
-        targets = {f"{name}.weight" for name in target_linears(model)}
+        targets = weight_converters(model, quantize, pack, target)
         tensors.update({name: (load, shape) for name, load, shape in read_tensors(files) if name in targets})
     for name, tensor in (extra_tensors or {}).items():
         tensors.setdefault(name, (lambda t=tensor: t, list(tensor.shape)))
-    check_and_load(model, tensors, target, device, str(folder), quantize=quantize)
+    check_and_load(model, tensors, target, device, str(folder), quantize=quantize, pack=pack)
+    if quantize is not None:
+        model.quantization = quantize
     materialize(model, device, target)
     model.eval()
     return model

@@ -12,7 +12,6 @@ import torch
 from .checkpoint import load_model
 from .generation import GenerationParams, TextStream, decode
 from .image_cache import ImageFeatureCache, with_cached_images
-from .quantize import pack_for_cpu
 from .images import ImagePolicy
 from .model import Idefics
 from .processor import ImageSettings, Processor, is_batch
@@ -164,9 +163,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     from .mini import backbone_tensors  # idefics-mini keeps its frozen backbones outside the folder
 
     extra = backbone_tensors(path)
-    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize)
-    if torch.device(device).type == "cpu":
-        pack_for_cpu(model)  # inference-only weight layout for the oneDNN kernels (quantize.py)
+    # pack: on CPU, Linear weights in the oneDNN layout for inference (faster matmuls; quantize.py)
+    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize, pack=True)
     tokenizer = Tokenizer.from_folder(path)
     if model.config.model_type == "idefics2":
         from .idefics2.processor import Idefics2Processor

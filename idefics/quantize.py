@@ -166,8 +166,8 @@ class PackedLinear(nn.Module):
             missing_keys.append(prefix + "weight")
         if self.bias is not None:
             if prefix + "bias" in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[prefix + "bias"])
+                bias = state_dict[prefix + "bias"].detach()
+                self.bias = nn.Parameter(bias.to(self.weight.dtype), requires_grad=False)
             elif strict:
                 missing_keys.append(prefix + "bias")
 
@@ -208,6 +208,33 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
             and torch.backends.mkldnn.is_available()):
         model.lm_head = PackedOutput(head.weight, head.additional_fc)
     return model
+
+
+def weight_converters(model: nn.Module, quantize: str | None, pack: bool, dtype: torch.dtype) -> dict:
+    """For loading (checkpoint.load_model): weight name → (module name, build(weight) → replacement module).
+    Quantized targets first; with `pack`, every other Linear of `model.model` and an untied IDEFICS output
+    layer become packed layers. Biases arrive afterwards through the state dict (a meta placeholder marks
+    that the layer has one)."""
+    from .layers import DecoupledLinear
+
+    mode = check_mode(quantize)
+    out = {}
+    if mode is not None:
+        for name in target_linears(model):
+            out[f"{name}.weight"] = (name, lambda w, m=mode: quantize_weight(w, m))
+    if not pack or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return out
+    inner = getattr(model, "model", None)
+    for name, module in (inner.named_modules() if inner is not None else ()):
+        key = f"model.{name}.weight"
+        if type(module) is nn.Linear and key not in out:
+            has_bias = module.bias is not None
+            out[key] = (f"model.{name}", lambda w, b=has_bias: PackedLinear(
+                w, torch.empty(w.shape[0], dtype=w.dtype, device="meta") if b else None))
+    head = getattr(model, "lm_head", None)
+    if type(head) is DecoupledLinear and not getattr(model.config, "tie_word_embeddings", False):
+        out["lm_head.weight"] = ("lm_head", lambda w, fc=head.additional_fc: PackedOutput(w, fc))
+    return out
 
 
 def quantize_weight(weight: torch.Tensor, mode: str) -> nn.Module:

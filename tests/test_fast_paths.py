@@ -85,6 +85,22 @@ def test_packed_model_matches_plain_model(folder, images, dtype):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_packing_while_loading_equals_packing_after(folder, images):
+    streamed = load_model(folder, pack=True)
+    after = pack_for_cpu(load_model(folder))
+    assert type(streamed.lm_head) is PackedOutput
+    kinds = lambda m: [type(x).__name__ for x in m.modules()]  # noqa: E731
+    assert kinds(streamed) == kinds(after)
+    a, b = streamed.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # biases included (vision)
+    pipe = idefics.load(folder)
+    inputs = batch(pipe, images)
+    with torch.no_grad():
+        la = streamed(inputs["input_ids"], inputs["attention_mask"], **streamed.prefill_inputs(inputs)).logits
+        lb = after(inputs["input_ids"], inputs["attention_mask"], **after.prefill_inputs(inputs)).logits
+    assert torch.equal(la, lb)
+
+
 def test_load_packs_and_save_round_trips(folder, images, tmp_path):
     pipe = idefics.load(folder)
     assert isinstance(pipe.model.model.layers[0].mlp.up_proj, PackedLinear)
