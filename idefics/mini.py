@@ -29,21 +29,7 @@ def backbone_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
     sources = config.get("idefics_backbones")
     if not sources:
         return None
-    tensors: dict[str, torch.Tensor] = {}
-    language = sources.get("language")
-    if language == "gguf:smollm2":
-        from .backbones.gguf_llama import load_gguf_llama
+    from .config import IdeficsConfig
+    from .training.build import backbone_state_dict  # the same code that builds them for training
 
-        # HF-LLaMA key names are the model's own (model.embed_tokens.weight, model.layers.*, model.norm.weight)
-        tensors.update(load_gguf_llama().state_dict)
-    elif language is not None:
-        raise ValueError(f"{folder}/config.json: unknown language backbone source {language!r} (known: gguf:smollm2)")
-    vision = sources.get("vision")
-    if vision == "efficientnet_lite0":
-        from .backbones.efficientnet import load_efficientnet_lite0
-
-        net = load_efficientnet_lite0()
-        tensors.update({f"model.vision_model.net.{k}": v for k, v in net.state_dict().items()})
-    elif vision is not None:
-        raise ValueError(f"{folder}/config.json: unknown vision backbone source {vision!r} (known: efficientnet_lite0)")
-    return tensors
+    return backbone_state_dict(sources, IdeficsConfig.from_dict(config))
