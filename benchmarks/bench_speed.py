@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 from idefics.checkpoint import load_model  # noqa: E402
 from idefics.generation import GenerationParams, decode  # noqa: E402
+from idefics.image_cache import ImageFeatureCache, with_cached_images  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -68,6 +69,14 @@ def reference_generate(model, inputs, new_tokens: int) -> tuple[list[float], tor
 def prefill_seconds(run, model, inputs) -> float:
     start = time.perf_counter()
     stamps, _ = run(model, inputs, 1)
+    return stamps[0] - start
+
+
+def cached_prefill_seconds(model, inputs, cache) -> float:
+    """Prefill of a prompt whose image was seen before (the next turn of a chat): the image-feature cache
+    replaces the vision encoder and perceiver; hashing the pixels is included in the time."""
+    start = time.perf_counter()
+    stamps, _ = ours_generate(model, with_cached_images(model, inputs, cache), 1)
     return stamps[0] - start
 
 
@@ -153,8 +162,10 @@ def child_memory(impl: str, folder: str, dtype: str, quantize: str | None, threa
         model = load_model(folder, dtype=dtype, quantize=quantize, pack=True)  # as idefics.load does
         run = ours_generate
     loaded = time.perf_counter() - start
+    load_peak = common.peak_rss_bytes()
     stamps, _ = run(model, inputs, 16)
-    return {"peak_rss": common.peak_rss_bytes(), "load_s": loaded, "prefill_s": stamps[0] - start - loaded,
+    return {"peak_rss": common.peak_rss_bytes(), "load_peak_rss": load_peak, "load_s": loaded,
+            "prefill_s": stamps[0] - start - loaded,
             "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "decode_bytes": decode_bytes(model, 1, 144) if impl == "ours" else None}
 
@@ -208,6 +219,14 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         table.add(dtype, f"prefill {images} img, {tokens} tok", common.median(res["ours"]),
                   common.median(res["reference"]), "s", higher_is_better=False)
         print(table.rows[-1], flush=True)
+    inputs = common.prompt_inputs(1, 128, 1, size)
+    cache = ImageFeatureCache()
+    with_cached_images(ours, inputs, cache)  # the first turn saw the image
+    res = interleaved({"ours": lambda: cached_prefill_seconds(ours, inputs, cache),
+                       "reference": lambda: prefill_seconds(reference_generate, ref, inputs)}, args.repeats)
+    table.add(dtype, "prefill 1 img, 128 tok, image seen before", common.median(res["ours"]),
+              common.median(res["reference"]), "s", higher_is_better=False, note="ours: image-feature cache")
+    print(table.rows[-1], flush=True)
     for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
         inputs = common.prompt_inputs(batch, 128, 1, size)
         tokens = {}
@@ -275,7 +294,8 @@ def run_nine_b(args, threads: int) -> list[str]:
             r = memory_of("ours", folder, "bfloat16", None if mode == "none" else mode, threads)
             bw = common.memory_bandwidth()
             bound = bw / r["decode_bytes"]
-            lines.append(f"9B bf16{'' if mode == 'none' else '+' + mode}: peak RSS {r['peak_rss'] / 2**30:.2f} GiB, "
+            lines.append(f"9B bf16{'' if mode == 'none' else '+' + mode}: peak RSS {r['peak_rss'] / 2**30:.2f} GiB "
+                         f"({r['load_peak_rss'] / 2**30:.2f} GiB after loading), "
                          f"load {r['load_s']:.0f} s, prefill (1 img, 128 tok) {r['prefill_s']:.1f} s, "
                          f"decode {r['decode_tps']:.2f} tok/s = {r['decode_tps'] / bound:.0%} of bound "
                          f"({bound:.2f} tok/s at {bw / 1e9:.1f} GB/s)")
@@ -299,6 +319,7 @@ def main() -> None:
     parser.add_argument("--nine-b-bf16", action="store_true", help="with --nine-b: also try bf16 (needs ~19 GiB)")
     parser.add_argument("--nine-b-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -318,13 +339,17 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="idefics-bench-"))
     try:
         for dtype in args.dtypes.split(","):
-            folder = common.write_random_checkpoint(work / dtype, common.BENCH_463M, DTYPES[dtype])
-            bench_dtype(dtype, folder, args, table, bandwidth)
+            folder = work / dtype
+            if not (folder / "config.json").exists():  # --keep / --workdir reuse a written checkpoint
+                common.write_random_checkpoint(folder, common.BENCH_463M, DTYPES[dtype])
+            if not args.memory_only:
+                bench_dtype(dtype, folder, args, table, bandwidth)
             mem = {impl: memory_of(impl, folder, dtype, None, args.threads) for impl in ("ours", "reference")}
             table.add(dtype, "peak memory (load + generate)", mem["ours"]["peak_rss"] / 2**20,
                       mem["reference"]["peak_rss"] / 2**20, "MiB", higher_is_better=False)
             if dtype == "bfloat16":
-                bench_quantized(folder, args, table, bandwidth)
+                if not args.memory_only:
+                    bench_quantized(folder, args, table, bandwidth)
                 for mode in args.quantize:
                     m = memory_of("ours", folder, dtype, mode, args.threads)
                     table.add(f"bf16+{mode}", "peak memory (load + generate)", m["peak_rss"] / 2**20,

@@ -124,7 +124,15 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process: VmHWM. (Not getrusage's ru_maxrss, which Linux carries over
+    from the parent across fork + exec, so a child would report its parent's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
