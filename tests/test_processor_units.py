@@ -98,3 +98,47 @@ def test_urls_refused_when_disabled_or_host_not_allowed():
         load_image("http://127.0.0.1:9/x.png", "item 0", ImagePolicy(allow_urls=False))
     with pytest.raises(ImageError, match="not in the allowed hosts"):
         load_image("http://127.0.0.1:9/x.png", "item 0", ImagePolicy(allowed_hosts=("example.org",)))
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A loopback HTTP server: /a.png (an image), /big.png (over the size limit), /redirect (to elsewhere)."""
+    import http.server
+    import threading
+
+    image = random_image(9)
+    (tmp_path / "a.png").write_bytes(png_bytes(image))
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\x00" * 300_000)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://example.org/a.png")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", image
+    server.shutdown()
+
+
+def test_http_image_urls_are_fetched_with_limits(image_server):
+    base, image = image_server
+    fetched = load_image(f"{base}/a.png", "item 0", ImagePolicy())
+    assert torch.equal(preprocess(fetched), preprocess(image))
+    with pytest.raises(ImageError, match="larger than the limit of 100000 bytes"):
+        load_image(f"{base}/big.png", "item 0", ImagePolicy(max_bytes=100_000))
+    with pytest.raises(ImageError, match="HTTP 302"):  # redirects are not followed
+        load_image(f"{base}/redirect", "item 0", ImagePolicy())
+    with pytest.raises(ImageError, match="HTTP 404"):
+        load_image(f"{base}/missing.png", "item 0", ImagePolicy())
