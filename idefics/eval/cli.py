@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="few-shot evaluation on benchmarks (VQA, captioning, classification)",
                               description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (Hugging Face layout)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="checkpoint folder (Hugging Face layout); default: the embedded idefics-mini")
     p.add_argument("--task", required=True, metavar="NAME[,NAME]", help="task name(s), comma-separated")
     p.add_argument("--data", required=True, metavar="PATH", help="data folder (mini-*) or data JSON file")
     p.add_argument("--shots", type=_int_list, default=[0, 4, 8], metavar="0,4,8",
