@@ -284,9 +284,10 @@ def run_nine_b(args, threads: int) -> list[str]:
     lines = []
     try:
         start = time.perf_counter()
-        if not (folder / "config.json").exists():  # --keep leaves a checkpoint to reuse
+        reused = (folder / "config.json").exists()  # --keep leaves a checkpoint to reuse
+        if not reused:
             common.write_random_checkpoint(folder, common.IDEFICS_9B, torch.bfloat16, shard_bytes=2**30)
-        lines.append(f"9B checkpoint written in {time.perf_counter() - start:.0f} s "
+        lines.append(f"9B checkpoint {'reused' if reused else 'written'} in {time.perf_counter() - start:.0f} s "
                      f"({sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 2**30:.1f} GiB)")
         print(lines[-1], flush=True)
         modes = ["int8"] + (["int4"] if "int4" in args.quantize else []) + (["none"] if args.nine_b_bf16 else [])
