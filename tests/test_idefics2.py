@@ -327,3 +327,19 @@ def test_bfloat16_runs(checkpoints, sample):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert torch.nn.functional.cosine_similarity(logits, reference, dim=-1).min() > 0.98
     assert len(half.generate(texts, images=images, max_new_tokens=3)) == 2
+
+
+def test_int8_quantized_loading_covers_idefics2(checkpoints, sample):
+    """Weight-only int8 replaces the decoder's linear layers and stays close to the unquantized model."""
+    folder, _, _ = checkpoints("nosplit")
+    texts, images = sample
+    plain = idefics.load(folder)
+    quantized = idefics.load(folder, quantize="int8")
+    assert sum(type(m).__name__ == "Int8Linear" for m in quantized.model.modules()) > 0
+    inputs = plain.processor(text=texts, images=images)
+    with torch.no_grad():
+        a = plain.model(**inputs).logits
+        b = quantized.model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    agreement = (a[real].argmax(-1) == b[real].argmax(-1)).float().mean().item()
+    assert agreement > 0.9 and (a[real] - b[real]).abs().max().item() < 0.5 * a[real].abs().max().item()
