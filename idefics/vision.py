@@ -48,6 +48,9 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention over an image's tokens (CLIP, and SigLIP with a key mask for the
+    padded patches of a native-resolution image)."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -56,11 +59,11 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = (p(x).view(n, t, self.heads, d // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
 
 

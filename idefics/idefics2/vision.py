@@ -12,10 +12,9 @@ pre-LayerNorm, and `post_layernorm` *is* applied to the output. Keys: `model.vis
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..vision import VisionMLP
+from ..vision import VisionAttention, VisionMLP
 from .config import Idefics2VisionConfig
 
 
@@ -62,31 +61,12 @@ class SiglipEmbeddings(nn.Module):
         return patches + self.position_embedding(navit_position_ids(patch_mask, self.patches_per_side))
 
 
-class SiglipAttention(nn.Module):
-    """Bidirectional multi-head attention over the patches of one image; padded patches are masked as keys."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = (proj(x).view(n, t, self.heads, d // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
-
-
 class SiglipLayer(nn.Module):
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
         dim = config.hidden_size
         self.layer_norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(dim, config.num_attention_heads)
+        self.self_attn = VisionAttention(dim, config.num_attention_heads)  # keys/names as CLIP
         self.layer_norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(dim, config.intermediate_size, config.hidden_act)  # fc1 → act → fc2, as CLIP
 
