@@ -112,6 +112,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     initialised = distributed.init_from_env()
+    completed = False
     rank = distributed.rank()
     try:
         device = args.device
@@ -125,11 +126,12 @@ def run_command(args: argparse.Namespace) -> int:
         config.validate()
         pipe = idefics.load(args.model, dtype=args.dtype, device=device)
         results = run_eval(pipe, config)
+        completed = True
     except (AnnotationError, EvalError, ValueError, FileNotFoundError) as error:
         print(f"idefics eval: error: {error}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown(initialised)
+        distributed.shutdown(initialised, completed)
     if rank == 0:
         print(markdown_table(results), end="")
         print(f"results in {args.out}/results.json, results.md, results.png")

@@ -61,8 +61,13 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def shutdown(initialised_here: bool) -> None:
+def shutdown(initialised_here: bool, completed: bool = True) -> None:
     global _group
     if initialised_here and dist.is_initialized():
+        # Every rank finishes its last collective before any closes its connections: without this, a rank
+        # tearing down early could abort a peer's gloo thread ("terminate called without an active exception").
+        # After a failure the peers may never arrive, so then there is no barrier.
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
         _group = None

@@ -62,6 +62,7 @@ def setup(mode: str = "auto", device: str = "auto") -> DistInfo:
 
 def teardown() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank closes its gloo connections while a peer is still in a collective
         dist.destroy_process_group()
 
 
