@@ -3,6 +3,7 @@
     python benchmarks/bench_speed.py                      # 463M random IDEFICS, float32 + bfloat16, int8/int4
     python benchmarks/bench_speed.py --quick              # fewer cases and repetitions
     python benchmarks/bench_speed.py --nine-b /big/disk   # + idefics-9b architecture (random weights) in int8
+    python benchmarks/bench_speed.py --model idefics2      # Idefics2 at the same scale (Mistral 1024 x 16, SigLIP)
 
 Both implementations load the same random-weight checkpoint. Every measurement alternates ours / reference,
 after a warm-up, and the table shows medians. Prefill = time to the first token (reference: `generate` with
@@ -34,6 +35,32 @@ from idefics.generation import GenerationParams, decode  # noqa: E402
 from idefics.image_cache import ImageFeatureCache, with_cached_images  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Family:
+    """What differs between IDEFICS and Idefics2 in the benchmark: the preset, the reference class, the inputs."""
+
+    def __init__(self, name: str) -> None:
+        if name not in ("idefics", "idefics2"):
+            raise SystemExit(f"--model must be idefics or idefics2, got {name!r}")
+        self.name = name
+        self.preset = common.BENCH_IDEFICS2 if name == "idefics2" else common.BENCH_463M
+        self.image_size = common.IDEFICS2_IMAGE_SIZE if name == "idefics2" else 224
+        self.image_seq_len = self.preset["perceiver_config"]["resampler_n_latents"] if name == "idefics2" else 0
+
+    def inputs(self, batch: int, tokens: int, images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        return common.prompt_inputs(batch, tokens, images, self.image_size, seed, image_seq_len=self.image_seq_len)
+
+    def reference(self, folder: Path | str, dtype: str):
+        if self.name == "idefics2":
+            from transformers import Idefics2ForConditionalGeneration as Reference
+        else:
+            from transformers import IdeficsForVisionText2Text as Reference
+        return Reference.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+
+    @staticmethod
+    def of(folder: Path | str) -> "Family":
+        return Family(json.loads((Path(folder) / "config.json").read_text()).get("model_type", "idefics"))
 
 
 # ---- running one measurement ------------------------------------------------------------------------------------
@@ -103,19 +130,26 @@ def decode_bytes(model, batch: int, context: int) -> int:
     """Weights read per decode step (not the per-prompt image projections k/v, vision, perceiver, embeddings)
     plus the self-attention cache read at `context` positions and the cached image keys/values."""
     inner, c = model.model, model.config
-    skip = {id(t) for layer in inner.gated_cross_attn_layers
-            for t in list(layer.cross_attn.k_proj.parameters()) + list(layer.cross_attn.k_proj.buffers())
-            + list(layer.cross_attn.v_proj.parameters()) + list(layer.cross_attn.v_proj.buffers())}
+    if hasattr(inner, "text_model"):  # Idefics2: the image tokens are ordinary positions of the KV cache
+        t = c.text_config
+        parts, skip = (inner.text_model.layers, inner.text_model.norm, model.lm_head), set()
+        kv_layers, kv_heads, head_dim, cross = t.num_hidden_layers, t.num_key_value_heads, c.head_dim, 0
+    else:
+        parts = (inner.layers, inner.gated_cross_attn_layers, inner.norm, model.lm_head)
+        skip = {id(t) for layer in inner.gated_cross_attn_layers
+                for t in list(layer.cross_attn.k_proj.parameters()) + list(layer.cross_attn.k_proj.buffers())
+                + list(layer.cross_attn.v_proj.parameters()) + list(layer.cross_attn.v_proj.buffers())}
+        kv_layers, kv_heads, head_dim = c.num_hidden_layers, c.kv_heads, c.head_dim
+        cross = 2 * c.num_cross_layers * batch * (c.image_latents or 0) * c.hidden_size
     tensors = {}
-    for part in (inner.layers, inner.gated_cross_attn_layers, inner.norm, model.lm_head):
+    for part in parts:
         for t in list(part.parameters()) + list(part.buffers()):
             if id(t) not in skip:
                 tensors[id(t)] = t
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
     element = torch.finfo(model.dtype).bits // 8
-    kv = 2 * c.num_hidden_layers * batch * c.kv_heads * context * c.head_dim * element
-    cross = 2 * c.num_cross_layers * batch * (c.image_latents or 0) * c.hidden_size * element
-    return weights + kv + cross
+    kv = 2 * kv_layers * batch * kv_heads * context * head_dim * element
+    return weights + kv + cross * element
 
 
 # ---- quality of the quantized models ----------------------------------------------------------------------------
@@ -139,10 +173,10 @@ def quality(float_model, quantized_model, prompts: list[dict]) -> dict[str, floa
     return {"top1": agree / total, "max_diff": max_diff, "mean_diff": mean_diff, "scale": scale}
 
 
-def quality_prompts(image_size: int) -> list[dict]:
+def quality_prompts(family: Family) -> list[dict]:
     """A fixed set: different lengths, 0-3 images, fixed seeds."""
     shapes = [(1, 48, 1), (1, 96, 2), (1, 64, 0), (1, 128, 3), (1, 80, 1), (1, 32, 1)]
-    return [common.prompt_inputs(b, t, n, image_size, seed=100 + i) for i, (b, t, n) in enumerate(shapes)]
+    return [family.inputs(b, t, n, seed=100 + i) for i, (b, t, n) in enumerate(shapes)]
 
 
 # ---- peak memory in a child process -----------------------------------------------------------------------------
@@ -150,13 +184,11 @@ def quality_prompts(image_size: int) -> list[dict]:
 def child_memory(impl: str, folder: str, dtype: str, quantize: str | None, threads: int) -> dict:
     """Runs in a fresh process: load, prefill 1 image + 128 tokens, decode 16 tokens, report peak RSS."""
     torch.set_num_threads(threads)
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    inputs = common.prompt_inputs(1, 128, 1, cfg["vision_config"]["image_size"])
+    family = Family.of(folder)
+    inputs = family.inputs(1, 128, 1)
     start = time.perf_counter()
     if impl == "reference":
-        from transformers import IdeficsForVisionText2Text
-
-        model = IdeficsForVisionText2Text.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+        model = family.reference(folder, dtype)
         run = reference_generate
     else:
         model = load_model(folder, dtype=dtype, quantize=quantize, pack=True)  # as idefics.load does
@@ -205,30 +237,31 @@ class Table:
 
 
 def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[float]) -> None:
-    from transformers import IdeficsForVisionText2Text
-
+    family = Family.of(folder)
     ours = load_model(folder, dtype=dtype, pack=True)
-    ref = IdeficsForVisionText2Text.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
-    size = ours.config.vision_config.image_size
+    ref = family.reference(folder, dtype)
+    text = " text" if family.image_seq_len else ""  # Idefics2 prompts: the image tokens come on top
     runs = (("ours", ours_generate, ours), ("reference", reference_generate, ref))
     cases = [(1, 128), (4, 128)] + ([] if args.quick else [(1, 512), (4, 512)])
     for images, tokens in cases:
-        inputs = common.prompt_inputs(1, tokens, images, size)
+        inputs = family.inputs(1, tokens, images)
         res = interleaved({name: (lambda r=run, m=model: prefill_seconds(r, m, inputs)) for name, run, model in runs},
                           args.repeats)
-        table.add(dtype, f"prefill {images} img, {tokens} tok", common.median(res["ours"]),
+        table.add(dtype, f"prefill {images} img, {tokens}{text} tok", common.median(res["ours"]),
                   common.median(res["reference"]), "s", higher_is_better=False)
         print(table.rows[-1], flush=True)
-    inputs = common.prompt_inputs(1, 128, 1, size)
-    cache = ImageFeatureCache()
-    with_cached_images(ours, inputs, cache)  # the first turn saw the image
-    res = interleaved({"ours": lambda: cached_prefill_seconds(ours, inputs, cache),
-                       "reference": lambda: prefill_seconds(reference_generate, ref, inputs)}, args.repeats)
-    table.add(dtype, "prefill 1 img, 128 tok, image seen before", common.median(res["ours"]),
-              common.median(res["reference"]), "s", higher_is_better=False, note="ours: image-feature cache")
-    print(table.rows[-1], flush=True)
+    if family.name == "idefics":  # the image-feature cache serves IDEFICS v1 (cross-attention) models
+        inputs = family.inputs(1, 128, 1)
+        cache = ImageFeatureCache()
+        with_cached_images(ours, inputs, cache)  # the first turn saw the image
+        res = interleaved({"ours": lambda: cached_prefill_seconds(ours, inputs, cache),
+                           "reference": lambda: prefill_seconds(reference_generate, ref, inputs)}, args.repeats)
+        table.add(dtype, "prefill 1 img, 128 tok, image seen before", common.median(res["ours"]),
+                  common.median(res["reference"]), "s", higher_is_better=False, note="ours: image-feature cache")
+        print(table.rows[-1], flush=True)
+    context = 128 + (family.image_seq_len + 2 if family.image_seq_len else 0)
     for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
-        inputs = common.prompt_inputs(batch, 128, 1, size)
+        inputs = family.inputs(batch, 128, 1)
         tokens = {}
 
         def measure(name, run, model):
@@ -239,7 +272,7 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         res = interleaved({name: (lambda n=name, r=run, m=model: measure(n, r, m)) for name, run, model in runs},
                           args.repeats)
         bandwidth.append(common.memory_bandwidth())
-        bound = batch * common.median(bandwidth) / decode_bytes(ours, batch, 128 + new // 2)
+        bound = batch * common.median(bandwidth) / decode_bytes(ours, batch, context + new // 2)
         same = bool(torch.equal(tokens["ours"], tokens["reference"]))
         rate = common.median(res["ours"])
         table.add(dtype, f"decode batch {batch}", rate, common.median(res["reference"]), "tok/s",
@@ -251,24 +284,25 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
 
 def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) -> None:
     """int8/int4 against our bf16 model: speed (ours only, vs the reference's bf16 rate) and quality."""
+    family = Family.of(folder)
     base = load_model(folder, dtype="bfloat16", pack=True)
-    size = base.config.vision_config.image_size
-    prompts = quality_prompts(size)
+    prompts = quality_prompts(family)
+    context = 128 + (family.image_seq_len + 2 if family.image_seq_len else 0)
     bf16_rates = {row[1]: float(row[3].split()[0]) for row in table.rows if row[0] == "bfloat16" and row[3] != "-"}
     for mode in args.quantize:
         model = load_model(folder, dtype="bfloat16", quantize=mode, pack=True)
         q = quality(base, model, prompts)
         note = (f"top-1 agreement with bf16 {q['top1']:.1%}, max |logit diff| {q['max_diff']:.3g} "
                 f"(mean {q['mean_diff']:.2g}, logits up to {q['scale']:.3g})")
-        inputs = common.prompt_inputs(1, 128, 1, size)
+        inputs = family.inputs(1, 128, 1)
         res = interleaved({"q": lambda: prefill_seconds(ours_generate, model, inputs)}, args.repeats)
-        table.add(f"bf16+{mode}", "prefill 1 img, 128 tok", common.median(res["q"]),
-                  bf16_rates.get("prefill 1 img, 128 tok"), "s", higher_is_better=False, note="reference in bf16")
+        what = "prefill 1 img, 128 text tok" if family.image_seq_len else "prefill 1 img, 128 tok"
+        table.add(f"bf16+{mode}", what, common.median(res["q"]), bf16_rates.get(what), "s", higher_is_better=False, note="reference in bf16")
         for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
-            inputs = common.prompt_inputs(batch, 128, 1, size)
+            inputs = family.inputs(batch, 128, 1)
             bandwidth.append(common.memory_bandwidth())
             res = interleaved({"q": lambda: decode_rate(ours_generate, model, inputs, new)[0]}, args.repeats)
-            bound = batch * common.median(bandwidth) / decode_bytes(model, batch, 128 + new // 2)
+            bound = batch * common.median(bandwidth) / decode_bytes(model, batch, context + new // 2)
             rate = common.median(res["q"])
             table.add(f"bf16+{mode}", f"decode batch {batch}", rate, bf16_rates.get(f"decode batch {batch}"),
                       "tok/s", higher_is_better=True,
@@ -309,6 +343,7 @@ def run_nine_b(args, threads: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="idefics", help="idefics (the 463M IDEFICS) or idefics2 (same scale)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--quantize", default="int8,int4", help="quantized modes to measure ('' for none)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -342,7 +377,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             folder = work / dtype
             if not (folder / "config.json").exists():  # --keep / --workdir reuse a written checkpoint
-                common.write_random_checkpoint(folder, common.BENCH_463M, DTYPES[dtype])
+                common.write_random_checkpoint(folder, Family(args.model).preset, DTYPES[dtype])
             if not args.memory_only:
                 bench_dtype(dtype, folder, args, table, bandwidth)
             mem = {impl: memory_of(impl, folder, dtype, None, args.threads) for impl in ("ours", "reference")}

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from idefics.checkpoint import build_model
 from idefics.config import IdeficsConfig
-from idefics.model import Idefics
+from idefics.idefics2.config import Idefics2Config
 from idefics.processor import image_attention_mask
 
 BOS, EOS, FAKE, IMAGE = 1, 2, 32000, 32001
@@ -43,6 +44,25 @@ IDEFICS_9B = dict(
 )
 
 
+# Idefics2 at the same scale: Mistral 1024 x 16 layers (GQA 16/4 heads, sliding window), SigLIP 768 x 12 with
+# the 980 px position grid of idefics2-8b (images of 378 px: 729 patches), connector perceiver 3 x 64 latents.
+BENCH_IDEFICS2 = dict(
+    model_type="idefics2", image_token_id=IMAGE, tie_word_embeddings=False,
+    text_config=dict(vocab_size=32003, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     pad_token_id=0, rope_theta=10000.0, sliding_window=4096),
+    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=980, patch_size=14),
+    perceiver_config=dict(resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=64,
+                          num_key_value_heads=4),
+)
+IDEFICS2_IMAGE_SIZE = 378  # the processor's shortest edge: the size of a square image
+
+
+def model_config(config: dict) -> IdeficsConfig | Idefics2Config:
+    return Idefics2Config.from_dict(config) if config.get("model_type") == "idefics2" else IdeficsConfig.from_dict(config)
+
+
 def random_tensor(name: str, shape: list[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Deterministic per-name random values at scales that keep activations sane through many layers
     (the gates are non-zero so cross-attention changes the output)."""
@@ -68,9 +88,9 @@ def write_random_checkpoint(folder: str | Path, config: dict, dtype: torch.dtype
     is built on the meta device just to list names and shapes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = IdeficsConfig.from_dict(config)
+    cfg = model_config(config)
     with torch.device("meta"):
-        shapes = {k: list(v.shape) for k, v in Idefics(cfg).state_dict().items()}
+        shapes = {k: list(v.shape) for k, v in build_model(cfg).state_dict().items()}
     names, shard, size, weight_map, total = [], {}, 0, {}, 0
 
     def flush() -> None:
@@ -98,9 +118,20 @@ def write_random_checkpoint(folder: str | Path, config: dict, dtype: torch.dtype
     return folder
 
 
-def prompt_inputs(batch: int, tokens: int, images: int, image_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`batch` rows of `tokens` tokens: <s>, the images (<fake><image>...<fake>), then random text."""
+def prompt_inputs(batch: int, tokens: int, images: int, image_size: int, seed: int = 0,
+                  image_seq_len: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` rows of `tokens` tokens: <s>, the images (<fake><image>...<fake>), then random text.
+    `image_seq_len` > 0: Idefics2 inputs (<fake> + that many <image> per image, pixel_attention_mask), with
+    `tokens` counting the text after the images."""
     gen = torch.Generator().manual_seed(seed)
+    if image_seq_len:
+        head = [BOS] + [t for _ in range(images) for t in [FAKE] + [IMAGE] * image_seq_len] + ([FAKE] if images else [])
+        ids = torch.cat([torch.tensor(head).expand(batch, -1), torch.randint(3, 32000, (batch, tokens), generator=gen)], 1)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if images:
+            out["pixel_values"] = torch.randn(batch, images, 3, image_size, image_size, generator=gen)
+            out["pixel_attention_mask"] = torch.ones(batch, images, image_size, image_size, dtype=torch.long)
+        return out
     head = [BOS] + [t for _ in range(images) for t in (FAKE, IMAGE)] + ([FAKE] if images else [])
     text = torch.randint(3, 32000, (batch, tokens - len(head)), generator=gen)
     ids = torch.cat([torch.tensor(head).expand(batch, -1), text], 1)

@@ -4,9 +4,12 @@
    greedy, exact match after normalisation — against the most-frequent-answer baseline ("chance") and against
    the same model with every cross-attention gate forced to zero (the text-only ablation). Held-out
    combinations (colour-shape pairs, words, digit images never seen in training) are also scored apart.
-2. In-context few-shot learning on a prompt format never used in training (OpenFlamingo's
-   "<image>Question: ... Short answer: ..." instead of the trained "User: ... Assistant:"), at 0/1/2/4 shots,
-   through the evaluation harness (`idefics/eval`), with a plot of score vs shots.
+2. In-context learning of a new answer format (`idefics.mini_fewshot`): demonstrations alone say what to
+   name (colour, shape, count, digit) and how to write it, in a format never used in training; accuracy at
+   0/1/2/4 shots for the model and for its gates-closed ablation, with a plot of accuracy vs shots.
+3. The evaluation harness (`idefics/eval`) on the offline VQA tasks in OpenFlamingo's prompt format
+   ("<image>Question: ... Short answer: ..."), with the Flamingo protocol (0 shots = two text-only
+   demonstrations), at the same shots.
 
     python -m idefics.mini_report --data data/mini --out reports      # the embedded model
     python -m idefics.mini_report --model runs/mini_instruct/export --data data/mini --limit 40
@@ -92,10 +95,13 @@ def score(questions: list[dict], answers: list[str]) -> dict[str, dict[str, floa
 
 
 def majority_baseline(questions: list[dict]) -> dict[str, float]:
+    """Accuracy of always answering the most frequent answer of the question's type (per type, and over
+    all / the held-out samples with each question answered by its own type's most frequent answer)."""
     by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for q in questions:
         by_type[q["type"]][normalise(q["answer"])] += 1
-    return {k: 100 * c.most_common(1)[0][1] / sum(c.values()) for k, c in by_type.items()}
+    guesses = [by_type[q["type"]].most_common(1)[0][0] for q in questions]
+    return {k: row["accuracy"] for k, row in score(questions, guesses).items()}
 
 
 def few_shot(pipe, data: Path, out: Path, limit: int, shots: list[int]) -> list[Any]:
@@ -106,7 +112,47 @@ def few_shot(pipe, data: Path, out: Path, limit: int, shots: list[int]) -> list[
     return run_eval(pipe, config)
 
 
-def write_report(out: Path, model_name: str, table: dict, baseline: dict, fewshot: list[Any], seconds: float) -> Path:
+def new_format_fewshot(pipe, data: Path, queries_per_kind: int, shots: list[int]) -> dict[str, list[dict]]:
+    from . import mini_fewshot
+
+    def generate(prompt: list) -> str:
+        return pipe.generate(prompt, max_new_tokens=6)[0]
+
+    results = {"idefics-mini": mini_fewshot.run(generate, data, queries_per_kind=queries_per_kind, shots=shots)}
+    with gates_closed(pipe.model):
+        results["gates = 0"] = mini_fewshot.run(generate, data, queries_per_kind=queries_per_kind, shots=shots)
+    return results
+
+
+def new_format_lines(results: dict[str, list[dict]]) -> list[str]:
+    from .data.language import HELD_OUT_FORMATS
+    from .mini_fewshot import mean_by_shots
+
+    model, ablation = results["idefics-mini"], results["gates = 0"]
+    shots = sorted({r["shots"] for r in model})
+    lines = ["", "## In-context learning of a new answer format", "",
+             "The prompt is only images and answers, e.g. `<image>Tag: red\\n<image>Tag: blue\\n<image>Tag:` "
+             "(2 shots): what to name (colour, shape, count or digit) and how to write it are given by the "
+             "demonstrations alone, in formats never used in training (" +
+             ", ".join(f"`{f}`" for f in HELD_OUT_FORMATS) + ", one per query in turn). 0 shots = the query image "
+             "and the format prefix alone. Queries from the test split, demonstrations from the validation "
+             "split. Exact match of the first line. Plot: `fewshot/new_format.png`.", "",
+             "| label kind | n | " + " | ".join(f"{k} shots" for k in shots) + " | gates = 0, " +
+             " / ".join(map(str, shots)) + " shots |", "|---|---|" + "---|" * (len(shots) + 1)]
+    kinds = sorted({r["kind"] for r in model}, key=[r["kind"] for r in model].index)
+    for kind in kinds:
+        cells = {r["shots"]: r for r in model if r["kind"] == kind}
+        off = {r["shots"]: r for r in ablation if r["kind"] == kind}
+        lines.append(f"| {kind} | {cells[shots[0]]['n']} | " + " | ".join(f"{cells[k]['accuracy']:.1f}" for k in shots)
+                     + " | " + " / ".join(f"{off[k]['accuracy']:.0f}" for k in shots) + " |")
+    means, off_means = mean_by_shots(model), mean_by_shots(ablation)
+    lines.append("| **mean** | | " + " | ".join(f"**{means[k]:.1f}**" for k in shots) + " | " +
+                 " / ".join(f"{off_means[k]:.0f}" for k in shots) + " |")
+    return lines
+
+
+def write_report(out: Path, model_name: str, table: dict, baseline: dict, new_format: dict[str, list[dict]],
+                 fewshot: list[Any], seconds: float) -> Path:
     lines = [f"# idefics-mini report ({model_name})", "",
              "Synthetic **test** split only (`idefics data make-mini`, seed 0); greedy decoding; exact match after "
              "lower-casing and removing punctuation. `gates = 0` is the same model with every cross-attention "
@@ -117,11 +163,14 @@ def write_report(out: Path, model_name: str, table: dict, baseline: dict, fewsho
         ablated = table["ablation"].get(kind, {}).get("accuracy", float("nan"))
         lines.append(f"| {kind} | {row['n']} | {row['accuracy']:.1f} | {ablated:.1f} | "
                      f"{baseline.get(kind, float('nan')):.1f} |")
+    if new_format:
+        lines += new_format_lines(new_format)
     if fewshot:
-        lines += ["", "## In-context few-shot, new prompt format", "",
+        lines += ["", "## The evaluation harness, OpenFlamingo prompt format", "",
                   "Prompt format never used in training: `<image>Question: ... Short answer: ...` (OpenFlamingo's), "
                   "demonstrations from the validation split; 0 shots = two text-only demonstrations (the "
-                  "Flamingo protocol). Plot: `fewshot/results.png`.", "",
+                  "Flamingo protocol, which already shows the answer format at 0 shots). Plot: "
+                  "`fewshot/results.png`.", "",
                   "| task | shots | score | n |", "|---|---|---|---|"]
         for r in fewshot:
             lines.append(f"| {r.task} | {r.shots} | {r.score:.3g} | {r.n} |")
@@ -138,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/mini", help="output of `idefics data make-mini`")
     parser.add_argument("--out", default="reports", help="where the report, JSON and plot go")
     parser.add_argument("--per-type", type=int, default=40, help="test questions per question type")
-    parser.add_argument("--fewshot-limit", type=int, default=60, help="queries per few-shot task (0: skip)")
+    parser.add_argument("--new-format-queries", type=int, default=40,
+                        help="queries per label kind in the new-format few-shot test (0: skip)")
+    parser.add_argument("--fewshot-limit", type=int, default=60,
+                        help="queries per evaluation-harness task (0: skip)")
     parser.add_argument("--shots", default="0,1,2,4")
     args = parser.parse_args(argv)
     import idefics
@@ -153,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         table["ablation"] = score(questions, answer_all(pipe, questions, "gates = 0"))
     baseline = majority_baseline(questions)
     shots = [int(s) for s in args.shots.split(",")]
+    new_format = new_format_fewshot(pipe, data, args.new_format_queries, shots) if args.new_format_queries else {}
+    if new_format:
+        from .mini_fewshot import plot
+
+        plot(new_format, out / "fewshot" / "new_format.png")
     fewshot = few_shot(pipe, data, out, args.fewshot_limit, shots) if args.fewshot_limit else []
     (out / "idefics-mini.json").write_text(json.dumps({"table": table, "baseline": baseline,
+                                                       "new_format_fewshot": new_format,
                                                        "fewshot": [vars(r) for r in fewshot]}, indent=2))
-    path = write_report(out, pipe.name, table, baseline, fewshot, time.time() - start)
+    path = write_report(out, pipe.name, table, baseline, new_format, fewshot, time.time() - start)
     print(path.read_text())
     return 0
 

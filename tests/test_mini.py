@@ -54,5 +54,33 @@ def test_closed_gates_make_the_image_irrelevant(reference_checkpoint):
 
 def test_report_helpers():
     assert normalise(" Red. ") == "red" and normalise("Seven!") == "seven"
-    questions = [{"type": "colour", "answer": a} for a in ("red", "red", "blue", "Red")]
-    assert majority_baseline(questions) == {"colour": 75.0}
+    questions = [{"type": "colour", "answer": a, "held_out": h}
+                 for a, h in (("red", False), ("red", True), ("blue", True), ("Red", False))]
+    questions.append({"type": "count", "answer": "2", "held_out": False})
+    # colour: always "red" is right 3 times of 4; count: 1 of 1; held out: red yes, blue no
+    assert majority_baseline(questions) == {"(all)": 80.0, "(held-out samples)": 50.0, "colour": 75.0,
+                                            "count": 100.0}
+
+
+def test_new_format_prompt_and_scoring():
+    from idefics.mini_fewshot import build_prompt, is_correct, label_of, prefix_of
+
+    assert prefix_of("Tag: {x}") == "Tag:" and prefix_of("<{x}>") == "<"
+    assert build_prompt([("img1", "red"), ("img2", "blue")], "query", "Tag: {x}") == [
+        "img1", "Tag: red\n", "img2", "Tag: blue\n", "query", "Tag:"]
+    assert build_prompt([], "query", "Category = {x}") == ["query", "Category ="]
+    assert is_correct(" red\n<image>Tag: blue", "Tag: {x}", "red")
+    assert is_correct("red>", "<{x}>", "red") and not is_correct(" red", "<{x}>", "blue")
+    assert not is_correct(" a red circle", "Tag: {x}", "red")  # the format is part of the answer
+    scene = {"task": "scene", "mode": "single", "count": 1, "objects": [{"colour": "red", "shape": "star"}]}
+    assert (label_of(scene, "colour"), label_of(scene, "shape"), label_of(scene, "count")) == ("red", "star", None)
+    assert label_of({"task": "digit", "digit": 7}, "digit") == "7" and label_of(scene, "digit") is None
+
+
+def test_new_format_is_never_in_training_text():
+    from idefics.data.language import DOC_FORMATS, HELD_OUT_FORMATS, ANSWER_FORMATS
+
+    trained = set(DOC_FORMATS) | {f["pattern"] for f in ANSWER_FORMATS}
+    assert not trained & set(HELD_OUT_FORMATS)
+    for fmt in HELD_OUT_FORMATS:  # not even the prefix, e.g. "Tag:" inside another format
+        assert not any(fmt.split("{x}")[0].strip() in t for t in trained if t.split("{x}")[0].strip())

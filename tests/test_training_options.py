@@ -80,3 +80,33 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     train(load_config(TINY, tiny_overrides(tmp_path, tmp_path / "bf16", *base, "train.precision=bf16")))
     assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
     assert losses(tmp_path / "bf16") != losses(tmp_path / "fp32")  # autocast really ran in bf16
+
+
+def test_gates_get_their_own_learning_rate_and_no_weight_decay():
+    import torch
+
+    from idefics.training.trainer import lr_at, param_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.alpha_cross_attn = torch.nn.Parameter(torch.zeros(1))
+            self.alpha_dense = torch.nn.Parameter(torch.zeros(1))
+            self.frozen = torch.nn.Parameter(torch.ones(4, 4), requires_grad=False)
+
+    block = Block()
+    decay, no_decay, gates = param_groups(block, 0.1, gate_lr_scale=10.0)
+    assert decay["params"] == [block.proj.weight] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [block.proj.bias] and no_decay["weight_decay"] == 0.0
+    assert gates["params"] == [block.alpha_cross_attn, block.alpha_dense]
+    assert gates["weight_decay"] == 0.0 and gates["lr_scale"] == 10.0
+    # one AdamW step moves a parameter by about lr: the gates move 10 times as far
+    optimizer = torch.optim.AdamW([decay, no_decay, gates], lr=1e-3)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(50, 1e-3, 10, 100, 0.0) * group["lr_scale"]
+    (block.proj(torch.ones(1, 4)).sum() * (1 + block.alpha_cross_attn + block.alpha_dense)).backward()
+    before = block.proj.bias.detach().clone()
+    optimizer.step()
+    bias_step = (block.proj.bias - before).abs().max()
+    assert torch.allclose(block.alpha_cross_attn.abs(), 10 * bias_step, rtol=1e-3)

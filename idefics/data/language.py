@@ -26,8 +26,15 @@ COLOUR_FACTS = (("the sky", "blue"), ("grass", "green"), ("a banana", "yellow"),
                 ("a frog", "green"), ("a strawberry", "red"), ("milk", "white"), ("a plum", "purple"),
                 ("the sea", "blue"), ("chocolate", "brown"), ("an eggplant", "purple"), ("a pumpkin", "orange"))
 SIDES = {"triangle": 3, "square": 4, "diamond": 4}
+# Few-shot documents state the answer format only by example, in many formats, so the model learns to take
+# the format from the demonstrations (in-context learning) rather than one fixed phrasing.
 DOC_FORMATS = ("{x}", "Answer: {x}", "This is {x}.", "Output: {x}", "Label: {x}", "-> {x}", "It shows {x}.",
-               "{x}!", "({x})", "Result: {x}")
+               "{x}!", "({x})", "Result: {x}", "Name: {x}", "Type: {x}", "Value: {x}", "Class: {x}", "= {x}",
+               "[{x}]", "Image: {x}", "A: {x}", "{x}.", "Prediction: {x}", "Seen: {x}", "Kind: {x}", "*{x}*",
+               "Picture of {x}.", "Reply: {x}", "=> {x}")
+# Formats that never occur in training data, kept for measuring in-context learning of a new format
+# (`idefics.mini_report`): the model sees them only in the demonstrations of its prompt.
+HELD_OUT_FORMATS = ("Tag: {x}", "Category = {x}", "<{x}>")
 ANSWER_FORMATS = (
     {"name": "plain", "instruction": "", "pattern": "{x}"},
     {"name": "answer_prefix", "instruction": " Answer in the form 'Answer: ...'.", "pattern": "Answer: {x}"},

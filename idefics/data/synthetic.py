@@ -30,7 +30,7 @@ from idefics.data.render import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, draw_dig
 from idefics.data.schema import Sample, Turn
 from idefics.data.shards import ShardWriter
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 SOURCE_FRACTIONS = {"digit_pairs": 0.15, "scene_pairs": 0.20, "word_pairs": 0.10, "documents": 0.20,
                     "chat": 0.25, "text": 0.10}
@@ -147,8 +147,8 @@ def word_pair(ctx: SplitContext, rng: random.Random, key: str) -> Sample:
 
 def document(ctx: SplitContext, rng: random.Random, key: str) -> Sample:
     """An interleaved document; each paragraph follows the image it talks about (text sees the last image)."""
-    style = rng.choices(["fewshot", "describe", "compare", "sequence"], [0.4, 0.25, 0.2, 0.15])[0]
-    n = rng.randint(2, 4)
+    style = rng.choices(["fewshot", "describe", "compare", "sequence"], [0.5, 0.2, 0.15, 0.15])[0]
+    n = rng.randint(2, 5 if style == "fewshot" else 4)  # few-shot: up to 4 demonstrations + 1
     if style == "compare":
         shape, counts = rng.choice(SHAPES), rng.sample(range(1, 5), 2)
         drawn = [ctx.scene(rng, shape=shape, count=k) for k in counts]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import GenerationParams, TextStream, choose, process_logits
+from ..image_cache import with_cached_images
 from ..layers import KVCache
 from .protocol import GenerationResult, TokenInfo
 
@@ -216,7 +217,9 @@ class Engine:
 
     def prefill(self, job: Job):
         model, params = self.model, job.params
-        inputs = job.inputs
+        # an image seen before (a chat client resends the whole conversation each turn) skips the vision
+        # encoder and perceiver: the pipeline's image-feature cache, as for `pipe.generate`
+        inputs = with_cached_images(model, job.inputs, getattr(self.pipe, "image_cache", None))
         input_ids = inputs["input_ids"].to(model.device)
         mask = inputs["attention_mask"].to(model.device)
         t = input_ids.shape[1]

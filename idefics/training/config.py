@@ -45,6 +45,7 @@ class TrainConfig:
     final_lr: float = 0.0  # linear decay ends here at `steps`
     warmup_steps: int = 100
     weight_decay: float = 0.1  # on matrices only (not norms, biases, gates)
+    gate_lr_scale: float = 1.0  # the tanh gates' learning rate is lr x this (they start at 0, see trainer)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0

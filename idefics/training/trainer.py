@@ -52,13 +52,22 @@ def lr_at(step: int, lr: float, warmup: int, total: int, final_lr: float = 0.0) 
     return lr + (final_lr - lr) * min(1.0, progress)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: decaying norms, biases or the tanh gates toward zero is not wanted."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying norms, biases or the tanh gates toward zero is not wanted.
+    The gates get their own group with `lr_scale`: Adam moves a scalar by about lr per step, so a gate that
+    starts at 0 needs ~1/lr steps to open; a short run opens it sooner with a larger rate."""
+    decay, no_decay, gates = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if name.rsplit(".", 1)[-1].startswith("alpha_"):
+                gates.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr_scale": gate_lr_scale})
+    return groups
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -157,7 +166,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     fingerprint = frozen_fingerprint(model)  # before FSDP turns parameters into shards
     loss_model = dist_utils.wrap(LossModel(model), info)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(loss_model, tc.weight_decay), lr=tc.lr, betas=tc.betas,
+    optimizer = torch.optim.AdamW(param_groups(loss_model, tc.weight_decay, tc.gate_lr_scale), lr=tc.lr, betas=tc.betas,
                                   eps=tc.eps)
     rows_per_process, remainder = divmod(tc.batch_size, info.world_size)
     micro = tc.micro_batch_size or rows_per_process
@@ -280,7 +289,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         grad_norm = dist_utils.clip_grad_norm(trainable, tc.grad_clip)
         lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.final_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
