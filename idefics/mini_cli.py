@@ -28,14 +28,22 @@ def photos() -> list[tuple[str, Image.Image]]:
     try:
         import skimage.data as data
 
-        for name in ("chelsea", "coffee", "astronaut", "rocket"):
-            out.append((f"skimage {name}", Image.fromarray(getattr(data, name)())))
+        for name in ("chelsea", "coffee", "astronaut", "rocket", "text"):
+            out.append((f"skimage {name}", Image.fromarray(getattr(data, name)()).convert("RGB")))
     except Exception:  # an optional extra; the demo still runs without it
         pass
     try:
         from sklearn.datasets import load_sample_image
 
-        out.append(("sklearn china.jpg", Image.fromarray(load_sample_image("china.jpg"))))
+        for name in ("china.jpg", "flower.jpg"):
+            out.append((f"sklearn {name}", Image.fromarray(load_sample_image(name))))
+    except Exception:
+        pass
+    try:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            out.append(("matplotlib grace_hopper.jpg", Image.open(f).convert("RGB")))
     except Exception:
         pass
     return out
