@@ -343,3 +343,39 @@ def test_int8_quantized_loading_covers_idefics2(checkpoints, sample):
     real = inputs["attention_mask"].bool()
     agreement = (a[real].argmax(-1) == b[real].argmax(-1)).float().mean().item()
     assert agreement > 0.9 and (a[real] - b[real]).abs().max().item() < 0.5 * a[real].abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["split", "nosplit"])
+def test_evaluation_harness_runs_idefics2(checkpoints, name, tmp_path):
+    """The harness's cached image features give the processor's tokens and the pixel path's logits, and its
+    KV-cached class scores equal `pipe.log_likelihood`; then a few-shot run end to end."""
+    from idefics.data.synthetic import make_mini_data
+    from idefics.eval.engine import ImageFeatureCache, class_log_likelihoods, encode_prompts
+    from idefics.eval.runner import EvalConfig, run_eval
+
+    folder, _, _ = checkpoints(name)
+    pipe = idefics.load(folder)
+    images = [noise_image(10 + i, 40 + 20 * i, 60) for i in range(3)]
+    prompts = [[images[0], "Output: a cat\n", images[1], "Output:"], ["Question: x", images[2], "Answer:"]]
+    cache = ImageFeatureCache(pipe)
+    ours = encode_prompts(pipe, prompts, cache)
+    theirs = pipe.processor(prompts)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+    real = theirs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(**ours).logits[real], pipe.model(**theirs).logits[real],
+                                   atol=1e-5, rtol=0)
+    names = ["yes", "no", "blue car"]
+    sums, counts = class_log_likelihoods(pipe, prompts, names, cache, max_rows=2)
+    for p, prompt in enumerate(prompts):
+        torch.testing.assert_close(sums[p].float(), torch.tensor(pipe.log_likelihood([prompt] * 3, names)),
+                                   atol=1e-4, rtol=0)
+    assert bool((counts > 0).all())
+
+    data = tmp_path / "mini"
+    make_mini_data(str(data), seed=0, n_train=0, n_val=20, n_test=20, progress=False)
+    results = run_eval(pipe, EvalConfig(tasks=["mini-vqa", "mini-digits"], data=data, shots=[0, 2], seeds=[0],
+                                        limit=3, decoding="greedy", progress=False))
+    assert {(r.task, r.shots) for r in results} == {(t, s) for t in ("mini-vqa", "mini-digits") for s in (0, 2)}
+    assert all(1 <= r.n <= 3 for r in results)  # this small test split has 2 open questions of the mini-vqa types

@@ -13,6 +13,10 @@ Demonstrations differ per query (random or RICES), so queries of a batch share n
 Images are encoded one at a time (as `Pipeline.image_features` does): a matrix product's rounding can
 depend on how many rows it has, so encoding alone keeps an image's features bit-identical whichever batch
 or process first needs it (runs then match exactly across batchings and process counts).
+
+Both generations run: IDEFICS reads an image's latents through cross-attention (`image_hidden_states`
+[B, N, latents, D] + `image_attention_mask`); Idefics2 puts them at its `<image>` token positions
+(`image_hidden_states` [crops of all images in order, latents, D], crops when the processor splits images).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from PIL import Image
 
 from idefics.beam_search import beam_search
 from idefics.generation import GenerationParams, decode
+from idefics.idefics2.processor import expand_image_tokens
 from idefics.images import ImageError, load_image
 from idefics.model import DecodeCache
 from idefics.processor import classify_items, image_attention_mask, prompt_text
@@ -63,8 +68,6 @@ class ImageFeatureCache:
     """Image features per distinct image content, least recently used dropped beyond `max_items`."""
 
     def __init__(self, pipe: Any, max_items: int = 4096) -> None:
-        if getattr(pipe.config, "model_type", "idefics") == "idefics2":
-            raise ValueError("the evaluation harness runs IDEFICS (v1) checkpoints; this is an Idefics2 one")
         self.pipe, self.max_items = pipe, max_items
         self.items: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.hits = self.misses = 0
@@ -81,9 +84,16 @@ class ImageFeatureCache:
         model = self.pipe.model
         source = item if isinstance(item, (Image.Image, str)) else data
         image = load_image(source, f"{what} ({item})" if isinstance(item, Path) else what, self.pipe.processor.policy)
-        pixels = self.pipe.processor([image])["pixel_values"]  # [1, 1, 3, H, W]
-        latents = model.model.encode_images(pixels.to(model.device, model.dtype))[0, 0]
-        features = ImageFeatures(latents.float().mean(0), latents)
+        if is_idefics2(self.pipe):  # [crops, latents, D]
+            inputs = self.pipe.processor(images=[[image]])
+            latents = model.model.encode_images(inputs["pixel_values"].to(model.device, model.dtype),
+                                                inputs["pixel_attention_mask"].to(model.device))
+            pooled = latents.float().flatten(0, 1).mean(0)
+        else:  # [latents, D]
+            pixels = self.pipe.processor([image])["pixel_values"]  # [1, 1, 3, H, W]
+            latents = model.model.encode_images(pixels.to(model.device, model.dtype))[0, 0]
+            pooled = latents.float().mean(0)
+        features = ImageFeatures(pooled, latents)
         self.items[key] = features
         if len(self.items) > self.max_items:
             self.items.popitem(last=False)
@@ -95,14 +105,29 @@ class ImageFeatureCache:
         return torch.stack([self.get(item, name).pooled for item, name in zip(items, names)])
 
 
+def is_idefics2(pipe: Any) -> bool:
+    return getattr(pipe.config, "model_type", "idefics") == "idefics2"
+
+
 def prompt_texts(pipe: Any, prompts: Sequence[Sequence[Any]]) -> tuple[list[str], list[list[Any]]]:
-    """The processor's prompt strings (no `<end_of_utterance>` added) and each prompt's image items."""
+    """The processor's prompt strings (no `<end_of_utterance>` added; image tokens written out) and each
+    prompt's image items. `tokenize` turns the strings into the processor's token ids."""
+    if is_idefics2(pipe):
+        proc = pipe.processor
+        texts, images = proc.split_interleaved([list(p) for p in prompts], add_eou=False)
+        return [expand_image_tokens(t, proc.image_seq_len, proc.images.do_image_splitting, proc.space_after_image)
+                for t in texts], images
     texts, images = [], []
     for prompt in prompts:
         kinds = classify_items(list(prompt))
         texts.append(prompt_text(kinds, pipe.tokenizer.bos_token or ""))
         images.append([item for kind, item in kinds if kind == "image"])
     return texts, images
+
+
+def tokenize(pipe: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of `prompt_texts` strings (Idefics2's `<s>` comes from the tokenizer, IDEFICS's is in the text)."""
+    return pipe.tokenizer.encode_batch(list(texts), add_special_tokens=is_idefics2(pipe))
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureCache) -> dict[str, torch.Tensor]:
@@ -112,7 +137,7 @@ def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageF
     texts, items = prompt_texts(pipe, prompts)
     images = [[features.get(item, f"prompt {b}, image {i}").latents for i, item in enumerate(row)]
               for b, row in enumerate(items)]
-    ids = tokenizer.encode_batch(texts)
+    ids = tokenize(pipe, texts)
     limit = processor.max_length
     for b, row in enumerate(ids):
         if limit is not None and len(row) > limit:
@@ -120,6 +145,12 @@ def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageF
     width, pad = max(map(len, ids)), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    if is_idefics2(pipe):  # every image's crops, in batch order: they fill the <image> positions row by row
+        flat = [crops for row in images for crops in row]
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if flat:
+            out["image_hidden_states"] = torch.cat(flat).to(pipe.model.device, pipe.model.dtype)
+        return out
     num_images = max(1, max(map(len, images)))
     latents, dim = pipe.model.model.latents_per_image, pipe.model.config.vision_config.embed_dim
     hidden = torch.zeros(len(ids), num_images, latents, dim, dtype=pipe.model.dtype, device=pipe.model.device)
@@ -139,7 +170,7 @@ def end_of_demo_marker(pipe: Any) -> tuple[str, list[int]]:
     training data, so it is the marker; base models get "\n", and every token whose text holds a newline
     stops generation. End of sequence stops generation in both cases."""
     stops = list(pipe.stop_token_ids())
-    width = pipe.config.vocab_size + pipe.config.additional_vocab_size
+    width = pipe.config.vocab_size + getattr(pipe.config, "additional_vocab_size", 0)
     eou = pipe.tokenizer.token_to_id(END_OF_UTTERANCE)
     if eou is not None and eou < width:
         return END_OF_UTTERANCE, sorted(set(stops) | {eou})
@@ -188,12 +219,15 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
     n_prompts, n_classes = len(prompts), len(class_names)
     model, tok, pad = pipe.model, pipe.tokenizer, pipe.tokenizer.pad_token_id
     alone = encode_prompts(pipe, prompts, features)
-    num_images = alone["image_hidden_states"].shape[1]
+    # IDEFICS: which image each position sees (cross-attention); Idefics2: the images are prompt positions,
+    # all in the shared prefix, so the class-name suffixes need no image input
+    cross = not is_idefics2(pipe)
+    num_images = alone["image_hidden_states"].shape[1] if cross else 1
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(alone["input_ids"], alone["attention_mask"])]
     texts, _ = prompt_texts(pipe, prompts)
     # a class name is one more text item: stripped of spaces and joined to the prompt with nothing between
     full_texts = [texts[p] + name.strip(" ") for name in class_names for p in range(n_prompts)]
-    encoded = tok.encode_batch(full_texts)
+    encoded = tokenize(pipe, full_texts)
     full_ids = [encoded[c * n_prompts:(c + 1) * n_prompts] for c in range(n_classes)]  # [class][prompt]
     image_token, eos = pipe.processor.image_token_id, tok.eos_token_id
     full_masks = [[image_attention_mask(torch.tensor([ids]), image_token, eos, num_images)[0] for ids in row]
@@ -222,8 +256,10 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
         prefix_images[p, width - n:] = full_masks[0][p][:n, :num_images]
     device = model.device
     cache = model.new_cache(n_prompts, width + suffix_len)
-    out = model(prefix_ids.to(device), prefix_mask.to(device), image_attention_mask=prefix_images.to(device),
-                image_hidden_states=alone["image_hidden_states"], cache=cache, logits_to_keep=1)
+    images_in = {"image_hidden_states": alone.get("image_hidden_states")}
+    if cross:
+        images_in["image_attention_mask"] = prefix_images.to(device)
+    out = model(prefix_ids.to(device), prefix_mask.to(device), cache=cache, logits_to_keep=1, **images_in)
     first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts the first token after each prefix
 
     # 2. every (prompt, class) suffix, right-padded, from a copy of its prompt's cache
@@ -241,7 +277,8 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
             ids[r, :len(tail)] = torch.tensor(tail)
             images[r, :len(tail)] = full_masks[c][p][shared[p]:, :num_images]
         mask = torch.cat([prefix_mask[rows.cpu()], torch.ones(len(chunk), suffix_len, dtype=torch.long)], 1)
-        logits = model(ids.to(device), mask.to(device), image_attention_mask=images.to(device), cache=part).logits
+        images_in = {"image_attention_mask": images.to(device)} if cross else {}
+        logits = model(ids.to(device), mask.to(device), cache=part, **images_in).logits
         logprobs = logits.float().log_softmax(-1)
         for r, (p, c) in enumerate(chunk):
             tail = full_ids[c][p][shared[p]:]
