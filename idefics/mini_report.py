@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/mini", help="output of `idefics data make-mini`")
     parser.add_argument("--out", default="reports", help="where the report, JSON and plot go")
     parser.add_argument("--per-type", type=int, default=40, help="test questions per question type")
-    parser.add_argument("--new-format-queries", type=int, default=40,
+    parser.add_argument("--new-format-queries", type=int, default=60,
                         help="queries per label kind in the new-format few-shot test (0: skip)")
-    parser.add_argument("--fewshot-limit", type=int, default=60,
+    parser.add_argument("--fewshot-limit", type=int, default=30,
                         help="queries per evaluation-harness task (0: skip)")
     parser.add_argument("--shots", default="0,1,2,4")
     args = parser.parse_args(argv)
