@@ -297,7 +297,8 @@ def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) ->
         inputs = family.inputs(1, 128, 1)
         res = interleaved({"q": lambda: prefill_seconds(ours_generate, model, inputs)}, args.repeats)
         what = "prefill 1 img, 128 text tok" if family.image_seq_len else "prefill 1 img, 128 tok"
-        table.add(f"bf16+{mode}", what, common.median(res["q"]), bf16_rates.get(what), "s", higher_is_better=False, note="reference in bf16")
+        table.add(f"bf16+{mode}", what, common.median(res["q"]), bf16_rates.get(what), "s", higher_is_better=False,
+                  note="reference in bf16")
         for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
             inputs = family.inputs(batch, 128, 1)
             bandwidth.append(common.memory_bandwidth())

@@ -60,7 +60,9 @@ IDEFICS2_IMAGE_SIZE = 378  # the processor's shortest edge: the size of a square
 
 
 def model_config(config: dict) -> IdeficsConfig | Idefics2Config:
-    return Idefics2Config.from_dict(config) if config.get("model_type") == "idefics2" else IdeficsConfig.from_dict(config)
+    if config.get("model_type") == "idefics2":
+        return Idefics2Config.from_dict(config)
+    return IdeficsConfig.from_dict(config)
 
 
 def random_tensor(name: str, shape: list[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -125,8 +127,10 @@ def prompt_inputs(batch: int, tokens: int, images: int, image_size: int, seed: i
     `tokens` counting the text after the images."""
     gen = torch.Generator().manual_seed(seed)
     if image_seq_len:
-        head = [BOS] + [t for _ in range(images) for t in [FAKE] + [IMAGE] * image_seq_len] + ([FAKE] if images else [])
-        ids = torch.cat([torch.tensor(head).expand(batch, -1), torch.randint(3, 32000, (batch, tokens), generator=gen)], 1)
+        layout = [t for _ in range(images) for t in [FAKE] + [IMAGE] * image_seq_len]
+        head = [BOS] + layout + ([FAKE] if images else [])
+        text = torch.randint(3, 32000, (batch, tokens), generator=gen)
+        ids = torch.cat([torch.tensor(head).expand(batch, -1), text], 1)
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if images:
             out["pixel_values"] = torch.randn(batch, images, 3, image_size, image_size, generator=gen)

@@ -184,7 +184,8 @@ def write_report(out: Path, model_name: str, table: dict, baseline: dict, new_fo
              "lower-casing and removing punctuation. `gates = 0` is the same model with every cross-attention "
              "gate closed (the language model alone, which cannot see the image).", "",
              "## Instruct-format questions", "",
-             "| question type | n | idefics-mini | gates = 0 | chance (always the most frequent answer) |", "|---|---|---|---|---|"]
+             "| question type | n | idefics-mini | gates = 0 | chance (always the most frequent answer) |",
+             "|---|---|---|---|---|"]
     for kind, row in table["model"].items():
         ablated = table["ablation"].get(kind, {}).get("accuracy", float("nan"))
         lines.append(f"| {kind} | {row['n']} | {row['accuracy']:.1f} | {ablated:.1f} | "
