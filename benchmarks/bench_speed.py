@@ -40,16 +40,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class Family:
     """What differs between IDEFICS and Idefics2 in the benchmark: the preset, the reference class, the inputs."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, image_size: int | None = None) -> None:
         if name not in ("idefics", "idefics2"):
             raise SystemExit(f"--model must be idefics or idefics2, got {name!r}")
         self.name = name
         self.preset = common.BENCH_IDEFICS2 if name == "idefics2" else common.BENCH_463M
-        self.image_size = common.IDEFICS2_IMAGE_SIZE if name == "idefics2" else 224
+        # Idefics2 images are as large as the processor makes them; IDEFICS takes its encoder's fixed size
+        self.image_size = common.IDEFICS2_IMAGE_SIZE if name == "idefics2" else image_size or 224
         self.image_seq_len = self.preset["perceiver_config"]["resampler_n_latents"] if name == "idefics2" else 0
+
+    @staticmethod
+    def of(folder: Path | str) -> "Family":
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return Family(config.get("model_type", "idefics"), config.get("vision_config", {}).get("image_size"))
 
     def inputs(self, batch: int, tokens: int, images: int, seed: int = 0) -> dict[str, torch.Tensor]:
         return common.prompt_inputs(batch, tokens, images, self.image_size, seed, image_seq_len=self.image_seq_len)
+
+    def prefill_label(self, images: int, tokens: int) -> str:
+        """Idefics2 prompts count their text: the image tokens come on top."""
+        return f"prefill {images} img, {tokens}{' text' if self.image_seq_len else ''} tok"
+
+    def context(self, tokens: int, images: int = 1) -> int:
+        """Positions in the KV cache after a prompt of `tokens` (as `inputs` builds it)."""
+        return tokens + (images * (self.image_seq_len + 1) + 2 if self.image_seq_len else 0)  # + <s>, last <fake>
 
     def reference(self, folder: Path | str, dtype: str):
         if self.name == "idefics2":
@@ -57,10 +71,6 @@ class Family:
         else:
             from transformers import IdeficsForVisionText2Text as Reference
         return Reference.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
-
-    @staticmethod
-    def of(folder: Path | str) -> "Family":
-        return Family(json.loads((Path(folder) / "config.json").read_text()).get("model_type", "idefics"))
 
 
 # ---- running one measurement ------------------------------------------------------------------------------------
@@ -240,14 +250,13 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
     family = Family.of(folder)
     ours = load_model(folder, dtype=dtype, pack=True)
     ref = family.reference(folder, dtype)
-    text = " text" if family.image_seq_len else ""  # Idefics2 prompts: the image tokens come on top
     runs = (("ours", ours_generate, ours), ("reference", reference_generate, ref))
     cases = [(1, 128), (4, 128)] + ([] if args.quick else [(1, 512), (4, 512)])
     for images, tokens in cases:
         inputs = family.inputs(1, tokens, images)
         res = interleaved({name: (lambda r=run, m=model: prefill_seconds(r, m, inputs)) for name, run, model in runs},
                           args.repeats)
-        table.add(dtype, f"prefill {images} img, {tokens}{text} tok", common.median(res["ours"]),
+        table.add(dtype, family.prefill_label(images, tokens), common.median(res["ours"]),
                   common.median(res["reference"]), "s", higher_is_better=False)
         print(table.rows[-1], flush=True)
     if family.name == "idefics":  # the image-feature cache serves IDEFICS v1 (cross-attention) models
@@ -259,7 +268,6 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         table.add(dtype, "prefill 1 img, 128 tok, image seen before", common.median(res["ours"]),
                   common.median(res["reference"]), "s", higher_is_better=False, note="ours: image-feature cache")
         print(table.rows[-1], flush=True)
-    context = 128 + (family.image_seq_len + 2 if family.image_seq_len else 0)
     for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
         inputs = family.inputs(batch, 128, 1)
         tokens = {}
@@ -272,7 +280,7 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         res = interleaved({name: (lambda n=name, r=run, m=model: measure(n, r, m)) for name, run, model in runs},
                           args.repeats)
         bandwidth.append(common.memory_bandwidth())
-        bound = batch * common.median(bandwidth) / decode_bytes(ours, batch, context + new // 2)
+        bound = batch * common.median(bandwidth) / decode_bytes(ours, batch, family.context(128) + new // 2)
         same = bool(torch.equal(tokens["ours"], tokens["reference"]))
         rate = common.median(res["ours"])
         table.add(dtype, f"decode batch {batch}", rate, common.median(res["reference"]), "tok/s",
@@ -287,7 +295,6 @@ def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) ->
     family = Family.of(folder)
     base = load_model(folder, dtype="bfloat16", pack=True)
     prompts = quality_prompts(family)
-    context = 128 + (family.image_seq_len + 2 if family.image_seq_len else 0)
     bf16_rates = {row[1]: float(row[3].split()[0]) for row in table.rows if row[0] == "bfloat16" and row[3] != "-"}
     for mode in args.quantize:
         model = load_model(folder, dtype="bfloat16", quantize=mode, pack=True)
@@ -296,14 +303,14 @@ def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) ->
                 f"(mean {q['mean_diff']:.2g}, logits up to {q['scale']:.3g})")
         inputs = family.inputs(1, 128, 1)
         res = interleaved({"q": lambda: prefill_seconds(ours_generate, model, inputs)}, args.repeats)
-        what = "prefill 1 img, 128 text tok" if family.image_seq_len else "prefill 1 img, 128 tok"
+        what = family.prefill_label(1, 128)
         table.add(f"bf16+{mode}", what, common.median(res["q"]), bf16_rates.get(what), "s", higher_is_better=False,
                   note="reference in bf16")
         for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
             inputs = family.inputs(batch, 128, 1)
             bandwidth.append(common.memory_bandwidth())
             res = interleaved({"q": lambda: decode_rate(ours_generate, model, inputs, new)[0]}, args.repeats)
-            bound = batch * common.median(bandwidth) / decode_bytes(model, batch, context + new // 2)
+            bound = batch * common.median(bandwidth) / decode_bytes(model, batch, family.context(128) + new // 2)
             rate = common.median(res["q"])
             table.add(f"bf16+{mode}", f"decode batch {batch}", rate, bf16_rates.get(f"decode batch {batch}"),
                       "tok/s", higher_is_better=True,

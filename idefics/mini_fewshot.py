@@ -112,9 +112,9 @@ def run(generate: Callable[[list[Any]], str], data: Path, *, queries_per_kind: i
         for i, query in enumerate(tqdm(queries, desc=f"few-shot {kind}", leave=False, disable=not progress)):
             fmt = HELD_OUT_FORMATS[i % len(HELD_OUT_FORMATS)]
             chosen = random.Random(f"{seed}:{kind}:{query.key}").sample(support, max(shots))
+            demos, query_image = [(image(d.image), d.label) for d in chosen], image(query.image)
             for k in shots:
-                prompt = build_prompt([(image(d.image), d.label) for d in chosen[:k]], image(query.image), fmt)
-                right[k] += is_correct(generate(prompt), fmt, query.label)
+                right[k] += is_correct(generate(build_prompt(demos[:k], query_image, fmt)), fmt, query.label)
         rows += [{"kind": kind, "shots": k, "accuracy": 100 * right[k] / len(queries), "n": len(queries)}
                  for k in shots]
     return rows

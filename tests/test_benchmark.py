@@ -79,3 +79,10 @@ def test_tiny_idefics2_table_has_equal_greedy_tokens(tiny_idefics2, monkeypatch)
                          "decode batch 8"}
     for batch in (1, 8):
         assert "greedy tokens equal" in rows[f"decode batch {batch}"][-1]
+
+
+def test_family_context_counts_every_prompt_position():
+    family = bench_speed.Family("idefics2")
+    for images in (1, 3):
+        assert family.context(10, images) == family.inputs(1, 10, images)["input_ids"].shape[1]
+    assert bench_speed.Family("idefics").context(128) == common.prompt_inputs(1, 128, 1, 224)["input_ids"].shape[1]

@@ -22,9 +22,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from idefics.backbones.wheel_files import wheel_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -33,7 +33,6 @@ from PIL import Image
 
 from idefics.beam_search import beam_search
 from idefics.generation import GenerationParams, decode
-from idefics.idefics2.processor import expand_image_tokens
 from idefics.images import ImageError, load_image
 from idefics.model import DecodeCache
 from idefics.processor import classify_items, image_attention_mask, prompt_text
@@ -113,10 +112,8 @@ def prompt_texts(pipe: Any, prompts: Sequence[Sequence[Any]]) -> tuple[list[str]
     """The processor's prompt strings (no `<end_of_utterance>` added; image tokens written out) and each
     prompt's image items. `tokenize` turns the strings into the processor's token ids."""
     if is_idefics2(pipe):
-        proc = pipe.processor
-        texts, images = proc.split_interleaved([list(p) for p in prompts], add_eou=False)
-        return [expand_image_tokens(t, proc.image_seq_len, proc.images.do_image_splitting, proc.space_after_image)
-                for t in texts], images
+        texts, images = pipe.processor.split_interleaved([list(p) for p in prompts], add_eou=False)
+        return pipe.processor.expand(texts), images
     texts, images = [], []
     for prompt in prompts:
         kinds = classify_items(list(prompt))

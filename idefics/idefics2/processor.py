@@ -312,13 +312,17 @@ class Idefics2Processor:
             image_lists.append(prompt_images)
         return texts, image_lists
 
+    def expand(self, texts: list[str], do_image_splitting: bool | None = None) -> list[str]:
+        """Prompt strings with each `<image>` marker written out as the model's image tokens (what is
+        tokenised, with `<s>` from the tokenizer)."""
+        splitting = self.images.do_image_splitting if do_image_splitting is None else do_image_splitting
+        return [expand_image_tokens(t, self.image_seq_len, splitting, self.space_after_image) for t in texts]
+
     def encode(self, texts: list[str] | None, image_lists: list[list[Any]], do_image_splitting: bool,
                size: dict[str, int]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if texts is not None:
-            expanded = [expand_image_tokens(t, self.image_seq_len, do_image_splitting, self.space_after_image)
-                        for t in texts]
-            ids = self.tokenizer.encode_batch(expanded, add_special_tokens=True)
+            ids = self.tokenizer.encode_batch(self.expand(texts, do_image_splitting), add_special_tokens=True)
             for b, row in enumerate(ids):
                 if self.max_length is not None and len(row) > self.max_length:
                     raise ValueError(f"prompt {b} is {len(row)} tokens long (images included); the model accepts "

@@ -166,8 +166,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     fingerprint = frozen_fingerprint(model)  # before FSDP turns parameters into shards
     loss_model = dist_utils.wrap(LossModel(model), info)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(loss_model, tc.weight_decay, tc.gate_lr_scale), lr=tc.lr, betas=tc.betas,
-                                  eps=tc.eps)
+    groups = param_groups(loss_model, tc.weight_decay, tc.gate_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
     rows_per_process, remainder = divmod(tc.batch_size, info.world_size)
     micro = tc.micro_batch_size or rows_per_process
     if remainder or rows_per_process % micro:
