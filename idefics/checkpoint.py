@@ -156,7 +156,9 @@ def load_converting(model: nn.Module, tensors: dict, expected: dict, dtype: torc
         tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if name in converters:
             module_name, build = converters[name]
-            replace_module(model, module_name, build(tensor))
+            module = build(tensor)
+            if module is not None:
+                replace_module(model, module_name, module)
         else:
             state[name] = tensor
         del tensor, load

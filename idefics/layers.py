@@ -25,6 +25,16 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
+def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of `linears` on the same input: one matmul when they are, in order, the parts of one fused
+    layer (`quantize.FusedLinear`, made for CPU inference), else one call each."""
+    fused = getattr(linears[0], "fused", None)
+    if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
+            and [m.start for m in linears] == fused.starts:
+        return fused(x).split(fused.sizes, dim=-1)
+    return tuple(linear(x) for linear in linears)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -33,7 +43,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = run_together(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class RotaryEmbedding(nn.Module):

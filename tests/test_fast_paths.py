@@ -12,7 +12,8 @@ from torch import nn
 import idefics
 from idefics.checkpoint import load_model, save_model
 from idefics.layers import DecoupledLinear, attention
-from idefics.quantize import PackedLinear, PackedOutput, pack_for_cpu
+from idefics.layers import run_together
+from idefics.quantize import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -34,6 +35,36 @@ def test_packed_linear_equals_linear(dtype, bias):
     other = PackedLinear(torch.zeros(80, 96, dtype=dtype), torch.zeros(80, dtype=dtype) if bias else None)
     other.load_state_dict(linear.state_dict())
     assert torch.equal(other.state_dict()["weight"], linear.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linears_give_each_part_and_keep_its_state_dict(dtype):
+    torch.manual_seed(0)
+    plain = [nn.Linear(96, n, bias=False).to(dtype) for n in (64, 32, 32)]
+    fused = FusedLinear([m.weight for m in plain])
+    parts = [FusedPart(fused, start, size) for start, size in zip(fused.starts, fused.sizes)]
+    x = torch.randn(3, 5, 96).to(dtype)
+    with torch.no_grad():
+        together = run_together(x, *parts)
+        for linear, part, out in zip(plain, parts, together):
+            expected = linear(x)
+            for got in (out, part(x)):  # together, or one part alone
+                if dtype == torch.bfloat16:
+                    assert torch.equal(got, expected)
+                else:
+                    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # out of order: one call each, still each layer's own output
+        swapped = run_together(x, parts[1], parts[0])
+        assert swapped[0].shape[-1] == 32 and torch.equal(swapped[1], together[0])
+    assert fused.state_dict() == {}
+    for linear, part in zip(plain, parts):
+        assert torch.equal(part.state_dict()["weight"], linear.weight)
+    new = torch.randn(32, 96).to(dtype)
+    parts[2].load_state_dict({"weight": new})
+    assert torch.equal(parts[2].state_dict()["weight"], new) and torch.equal(parts[0].state_dict()["weight"],
+                                                                             plain[0].weight)
+    with pytest.raises(RuntimeError, match="weight"):
+        parts[1].load_state_dict({})
 
 
 def test_attention_single_query_bf16_runs_in_float32():
@@ -103,7 +134,9 @@ def test_packing_while_loading_equals_packing_after(folder, images):
 
 def test_load_packs_and_save_round_trips(folder, images, tmp_path):
     pipe = idefics.load(folder)
-    assert isinstance(pipe.model.model.layers[0].mlp.up_proj, PackedLinear)
+    layer = pipe.model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, PackedLinear) and isinstance(layer.mlp.down_proj, PackedLinear)
+    assert isinstance(layer.self_attn.qkv_proj, FusedLinear) and isinstance(layer.mlp.gate_up_proj, FusedLinear)
     save_model(pipe.model, tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved")
     original = load_model(folder).state_dict()
