@@ -11,7 +11,9 @@ max_new_tokens=1; ours: the first step of `decode`). Decode = tokens/s between c
 (reference: timestamps from a logits processor; ours: from the steps `decode` yields), summed over the batch.
 Peak memory = peak RSS of a fresh child process that loads the model and generates. The bandwidth bound is
 (measured read bandwidth) / (bytes a decode step must read: decoder + cross-attention weights, output layer,
-KV cache), so `of bound` says how close decoding is to this machine's limit. The reference needs the test
+KV cache), so `of bound` says how close decoding is to this machine's limit. Prefill is compute-bound: its
+`of compute bound` is (matmul FLOPs of the prompt, counted by torch's FlopCounterMode) / (the fastest matmul
+rate measured in the same run) / (measured time), for both implementations. The reference needs the test
 dependencies (`pip install -e .[test]`)."""
 
 from __future__ import annotations
@@ -162,6 +164,24 @@ def decode_bytes(model, batch: int, context: int) -> int:
     return weights + kv + cross * element
 
 
+def prefill_flops(folder: Path, family: "Family", cases: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """Matmul FLOPs of one prefill per (images, tokens) case (vision encoder, perceiver, decoder and
+    cross-attention, logits of the last position), counted by torch's FlopCounterMode on the plain model.
+    Attention score/value products inside the fused CPU kernel are not counted (a few percent), so the
+    compute bound derived from this is slightly low and `of compute bound` slightly understated."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_model(folder, dtype="bfloat16").requires_grad_(False)  # plain layers: the counter sees aten matmuls
+    out = {}
+    for images, tokens in cases:
+        inputs = family.inputs(1, tokens, images)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(inputs["input_ids"], inputs["attention_mask"], logits_to_keep=1, **model.prefill_inputs(inputs))
+        out[images, tokens] = float(counter.get_total_flops())
+    return out
+
+
 # ---- quality of the quantized models ----------------------------------------------------------------------------
 
 def quality(float_model, quantized_model, prompts: list[dict]) -> dict[str, float]:
@@ -252,12 +272,16 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
     ref = family.reference(folder, dtype)
     runs = (("ours", ours_generate, ours), ("reference", reference_generate, ref))
     cases = [(1, 128), (4, 128)] + ([] if args.quick else [(1, 512), (4, 512)])
+    flops, peak = prefill_flops(folder, family, cases), common.matmul_peak(DTYPES[dtype])
     for images, tokens in cases:
         inputs = family.inputs(1, tokens, images)
         res = interleaved({name: (lambda r=run, m=model: prefill_seconds(r, m, inputs)) for name, run, model in runs},
                           args.repeats)
-        table.add(dtype, family.prefill_label(images, tokens), common.median(res["ours"]),
-                  common.median(res["reference"]), "s", higher_is_better=False)
+        mine, theirs = common.median(res["ours"]), common.median(res["reference"])
+        bound = flops[images, tokens] / peak  # seconds if every FLOP ran at the matmul peak
+        table.add(dtype, family.prefill_label(images, tokens), mine, theirs, "s", higher_is_better=False,
+                  note=f"{bound / mine:.0%} of compute bound (ref {bound / theirs:.0%}; "
+                       f"{flops[images, tokens] / 1e9:.0f} GFLOP at {peak / 1e9:.0f} GFLOP/s = {bound:.3g} s)")
         print(table.rows[-1], flush=True)
     if family.name == "idefics":  # the image-feature cache serves IDEFICS v1 (cross-attention) models
         inputs = family.inputs(1, 128, 1)

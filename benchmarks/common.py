@@ -158,6 +158,27 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
     return size_bytes / statistics.median(times)
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the faster of the two CPU matmul paths PyTorch has for `dtype` (plain `F.linear`, oneDNN with a
+    prepacked weight) on a square product large enough to be compute-bound: the ceiling for prefill, which is
+    almost all matmuls."""
+    x, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    paths = [lambda: torch.nn.functional.linear(x, w)]
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        paths.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    best = 0.0
+    for path in paths:
+        path()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            path()
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * size ** 3 / statistics.median(times))
+    return best
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM. (Not getrusage's ru_maxrss, which Linux carries over
     from the parent across fork + exec, so a child would report its parent's peak.)"""

@@ -69,8 +69,23 @@ def test_decode_bytes_of_idefics2_counts_decoder_head_and_cache(tiny_idefics2):
     assert bench_speed.decode_bytes(model, 3, 20) == 4 * (decoder + head + kv)
 
 
+def test_prefill_flops_of_a_text_prompt_are_two_per_weight_and_token(tiny_idefics2):
+    family = bench_speed.Family("idefics2")
+    model = load_model(tiny_idefics2)
+    tokens = family.inputs(1, 12, 0)["input_ids"].shape[1]
+    linear = sum(m.weight.numel() for m in model.model.text_model.layers.modules() if isinstance(m, torch.nn.Linear))
+    expected = 2 * tokens * linear + 2 * model.lm_head.weight.numel()  # logits of the last position only
+    assert bench_speed.prefill_flops(tiny_idefics2, family, [(0, 12)]) == {(0, 12): expected}
+
+
+def test_matmul_peak_is_a_rate():
+    rate = common.matmul_peak(torch.float32, size=128, repeats=1)
+    assert 1e8 < rate < 1e14  # FLOP/s: above 0.1 GFLOP/s, below 100 TFLOP/s for one CPU process
+
+
 def test_tiny_idefics2_table_has_equal_greedy_tokens(tiny_idefics2, monkeypatch):
     monkeypatch.setattr(common, "memory_bandwidth", lambda *a, **k: 20e9)  # the real one reads 1 GiB 7 times
+    monkeypatch.setattr(common, "matmul_peak", lambda *a, **k: 1e11)  # the real one multiplies 2048^2 matrices
     args = argparse.Namespace(quick=True, repeats=1, new_tokens=4, quantize=["int8"])
     table, bandwidth = bench_speed.Table(), [20e9]
     bench_speed.bench_dtype("float32", tiny_idefics2, args, table, bandwidth)
@@ -79,6 +94,7 @@ def test_tiny_idefics2_table_has_equal_greedy_tokens(tiny_idefics2, monkeypatch)
                          "decode batch 8"}
     for batch in (1, 8):
         assert "greedy tokens equal" in rows[f"decode batch {batch}"][-1]
+    assert "of compute bound" in rows["prefill 1 img, 128 text tok"][-1]
 
 
 def test_family_context_counts_every_prompt_position():
