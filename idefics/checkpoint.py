@@ -111,7 +111,7 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
                    allow_missing: tuple[str, ...] = (), quantize: str | None = None, pack: bool = False) -> None:
     """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. With `quantize`
     ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read;
-    with `pack` the other Linear weights become oneDNN-packed CPU layers (quantize.PackedLinear)."""
+    with `pack` the other Linear weights become oneDNN-packed CPU layers (packing.PackedLinear)."""
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = {"lm_head.weight"} if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied and not k.startswith(allow_missing))

@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
 
 def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """The outputs of `linears` on the same input: one matmul when they are, in order, the parts of one fused
-    layer (`quantize.FusedLinear`, made for CPU inference), else one call each."""
+    layer (`packing.FusedLinear`, made for CPU inference), else one call each."""
     fused = getattr(linears[0], "fused", None)
     if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
             and [m.start for m in linears] == fused.starts:

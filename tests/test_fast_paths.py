@@ -13,7 +13,7 @@ import idefics
 from idefics.checkpoint import load_model, save_model
 from idefics.layers import DecoupledLinear, attention
 from idefics.layers import run_together
-from idefics.quantize import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
+from idefics.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,6 +65,16 @@ def test_fused_linears_give_each_part_and_keep_its_state_dict(dtype):
                                                                              plain[0].weight)
     with pytest.raises(RuntimeError, match="weight"):
         parts[1].load_state_dict({})
+
+
+def test_quantizing_a_fused_model_unfuses_first(folder):
+    from idefics.quantize import Int8Linear, quantize_model
+
+    model = quantize_model(load_model(folder, pack=True), "int8")
+    attn = model.model.layers[0].self_attn
+    assert not any(isinstance(m, (FusedLinear, FusedPart)) for m in model.modules())
+    assert isinstance(attn.q_proj, Int8Linear) and not hasattr(attn, "qkv_proj")
+    assert model.state_dict().keys() == quantize_model(load_model(folder), "int8").state_dict().keys()
 
 
 def test_attention_single_query_bf16_runs_in_float32():
