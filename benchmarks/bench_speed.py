@@ -6,9 +6,11 @@
     python benchmarks/bench_speed.py --model idefics2      # Idefics2 at the same scale (Mistral 1024 x 16, SigLIP)
 
 Both implementations load the same random-weight checkpoint. Every measurement alternates ours / reference,
-after a warm-up, and the table shows medians. Prefill = time to the first token (reference: `generate` with
-max_new_tokens=1; ours: the first step of `decode`). Decode = tokens/s between consecutive generated tokens
-(reference: timestamps from a logits processor; ours: from the steps `decode` yields), summed over the batch.
+after a warm-up, and the table shows medians; ours/ref is the median of the ratios within each round (both
+sides of a round run seconds apart, so a slow spell of a shared machine cancels). Prefill = time to the first
+token (reference: `generate` with max_new_tokens=1; ours: the first step of `decode`). Decode = tokens/s
+between consecutive generated tokens (reference: timestamps from a logits processor; ours: from the steps
+`decode` yields), summed over the batch.
 Peak memory = peak RSS of a fresh child process that loads the model and generates. The bandwidth bound is
 (measured read bandwidth) / (bytes a decode step must read: decoder + cross-attention weights, output layer,
 KV cache), so `of bound` says how close decoding is to this machine's limit. Prefill is compute-bound: its
@@ -123,6 +125,12 @@ def decode_rate(run, model, inputs, new_tokens: int) -> tuple[float, torch.Tenso
     stamps, tokens = run(model, inputs, new_tokens)
     batch = inputs["input_ids"].shape[0]
     return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def paired_ratio(results: dict[str, list[float]]) -> float:
+    """Median over rounds of ours/reference within the same round: the two ran seconds apart, so a slow spell
+    of this shared machine slows both and cancels, where the ratio of the two medians would not."""
+    return common.median([a / b for a, b in zip(results["ours"], results["reference"])])
 
 
 def interleaved(runs: dict, repeats: int) -> dict[str, list]:
@@ -250,11 +258,12 @@ class Table:
         self.rows: list[tuple[str, ...]] = []
 
     def add(self, dtype: str, what: str, ours: float, theirs: float | None, unit: str, higher_is_better: bool,
-            note: str = "") -> None:
+            note: str = "", ratio: float | None = None) -> None:
+        """`ratio`: ours/reference when measured pairwise (see `paired_ratio`); else the ratio of the values."""
         if theirs is None:
             self.rows.append((dtype, what, f"{ours:.3g} {unit}", "-", "-", "-", note))
             return
-        ratio = ours / theirs
+        ratio = ours / theirs if ratio is None else ratio
         speedup = ratio if higher_is_better else 1 / ratio
         self.rows.append((dtype, what, f"{ours:.3g} {unit}", f"{theirs:.3g} {unit}", f"{ratio:.2f}",
                           f"{speedup:.2f}x", note))
@@ -280,7 +289,7 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         mine, theirs = common.median(res["ours"]), common.median(res["reference"])
         bound = flops[images, tokens] / peak  # seconds if every FLOP ran at the matmul peak
         table.add(dtype, family.prefill_label(images, tokens), mine, theirs, "s", higher_is_better=False,
-                  note=f"{bound / mine:.0%} of compute bound (ref {bound / theirs:.0%}; "
+                  ratio=paired_ratio(res), note=f"{bound / mine:.0%} of compute bound (ref {bound / theirs:.0%}; "
                        f"{flops[images, tokens] / 1e9:.0f} GFLOP at {peak / 1e9:.0f} GFLOP/s = {bound:.3g} s)")
         print(table.rows[-1], flush=True)
     if family.name == "idefics":  # the image-feature cache serves IDEFICS v1 (cross-attention) models
@@ -290,7 +299,8 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         res = interleaved({"ours": lambda: cached_prefill_seconds(ours, inputs, cache),
                            "reference": lambda: prefill_seconds(reference_generate, ref, inputs)}, args.repeats)
         table.add(dtype, "prefill 1 img, 128 tok, image seen before", common.median(res["ours"]),
-                  common.median(res["reference"]), "s", higher_is_better=False, note="ours: image-feature cache")
+                  common.median(res["reference"]), "s", higher_is_better=False, ratio=paired_ratio(res),
+                  note="ours: image-feature cache")
         print(table.rows[-1], flush=True)
     for batch, new in ((1, args.new_tokens), (8, max(8, args.new_tokens // 2))):
         inputs = family.inputs(batch, 128, 1)
@@ -308,8 +318,9 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         same = bool(torch.equal(tokens["ours"], tokens["reference"]))
         rate = common.median(res["ours"])
         table.add(dtype, f"decode batch {batch}", rate, common.median(res["reference"]), "tok/s",
-                  higher_is_better=True, note=f"{rate / bound:.0%} of bound ({bound:.3g} tok/s); "
-                                                f"greedy tokens {'equal' if same else 'DIFFER'}")
+                  higher_is_better=True, ratio=paired_ratio(res),
+                  note=f"{rate / bound:.0%} of bound ({bound:.3g} tok/s); "
+                       f"greedy tokens {'equal' if same else 'DIFFER'}")
         print(table.rows[-1], flush=True)
     del ref
 
