@@ -314,7 +314,8 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
         res = interleaved({name: (lambda n=name, r=run, m=model: measure(n, r, m)) for name, run, model in runs},
                           args.repeats)
         bandwidth.append(common.memory_bandwidth())
-        bound = batch * common.median(bandwidth) / decode_bytes(ours, batch, family.context(128) + new // 2)
+        # the bandwidth measured right before and after these rounds: this machine's speed varies over minutes
+        bound = batch * common.median(bandwidth[-2:]) / decode_bytes(ours, batch, family.context(128) + new // 2)
         same = bool(torch.equal(tokens["ours"], tokens["reference"]))
         rate = common.median(res["ours"])
         table.add(dtype, f"decode batch {batch}", rate, common.median(res["reference"]), "tok/s",
@@ -345,7 +346,8 @@ def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) ->
             inputs = family.inputs(batch, 128, 1)
             bandwidth.append(common.memory_bandwidth())
             res = interleaved({"q": lambda: decode_rate(ours_generate, model, inputs, new)[0]}, args.repeats)
-            bound = batch * common.median(bandwidth) / decode_bytes(model, batch, family.context(128) + new // 2)
+            bandwidth.append(common.memory_bandwidth())
+            bound = batch * common.median(bandwidth[-2:]) / decode_bytes(model, batch, family.context(128) + new // 2)
             rate = common.median(res["q"])
             table.add(f"bf16+{mode}", f"decode batch {batch}", rate, bf16_rates.get(f"decode batch {batch}"),
                       "tok/s", higher_is_better=True,
