@@ -146,16 +146,21 @@ def prompt_inputs(batch: int, tokens: int, images: int, image_size: int, seed: i
             "image_attention_mask": mask}
 
 
-def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: median time to sum a float32 buffer much larger than the caches."""
-    x = torch.ones(size_bytes // 4)
-    x.sum()
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        x.sum()
+        fn()
         times.append(time.perf_counter() - start)
-    return size_bytes / statistics.median(times)
+    return statistics.median(times)
+
+
+def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: median time to sum a float32 buffer much larger than the caches."""
+    x = torch.ones(size_bytes // 4)
+    return size_bytes / median_seconds(x.sum, repeats)
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -167,16 +172,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
     if torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         paths.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-    best = 0.0
-    for path in paths:
-        path()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            path()
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * size ** 3 / statistics.median(times))
-    return best
+    return max(2 * size ** 3 / median_seconds(path, repeats) for path in paths)
 
 
 def peak_rss_bytes() -> int:

@@ -153,12 +153,17 @@ def install_fused(module: nn.Module, names: list[str], fused_name: str, weights:
 @torch.no_grad()
 def fuse_for_cpu(model: nn.Module) -> nn.Module:
     """In place: every block whose `q_proj, k_proj, v_proj` (self-attention) or `gate_proj, up_proj` (SwiGLU)
-    are packed and bias-free gets one `FusedLinear` (`qkv_proj` / `gate_up_proj`) and `FusedPart`s in their
-    place. Cross-attention, whose keys and values read the image latents, has no such triple."""
+    are bias-free CPU float linears (plain or packed) gets one `FusedLinear` (`qkv_proj` / `gate_up_proj`) and
+    `FusedPart`s in their place. Cross-attention, whose keys and values read the image latents, has no such
+    triple."""
+    def fusable(p: nn.Module | None) -> bool:
+        return p is not None and p.bias is None and (type(p) is PackedLinear or PackedLinear.supports(p))
+
     for _, module, names, fused_name in fusable_groups(model):
         parts = [getattr(module, n, None) for n in names]
-        if all(type(p) is PackedLinear and p.bias is None for p in parts):
-            install_fused(module, names, fused_name, [p.weight.to_dense() for p in parts])
+        if all(fusable(p) for p in parts):
+            weights = [p.weight.to_dense() if p.weight.is_mkldnn else p.weight for p in parts]
+            install_fused(module, names, fused_name, weights)
     return model
 
 
@@ -176,12 +181,13 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Replace every float Linear of `model.model` (vision, perceiver, decoder, cross-attention) by a
-    `PackedLinear`, and IDEFICS' output layer by a `PackedOutput` unless it shares the embedding, in place;
-    then fuse sibling projections (`fuse_for_cpu`). For inference on CPU; modules on other devices are left
+    """In place: fuse sibling projections (`fuse_for_cpu`), then replace every other float Linear of
+    `model.model` (vision, perceiver, decoder, cross-attention) by a `PackedLinear`, and IDEFICS' output layer
+    by a `PackedOutput` unless it shares the embedding. For inference on CPU; modules on other devices are left
     alone."""
     from .layers import DecoupledLinear
 
+    fuse_for_cpu(model)  # from the plain weights: each is packed once
     inner = getattr(model, "model", model)
     for name, module in list(inner.named_modules()):
         if PackedLinear.supports(module):
@@ -193,7 +199,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
             and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()):
         model.lm_head = PackedOutput(head.weight, head.additional_fc)
-    return fuse_for_cpu(model)
+    return model
 
 
 def pack_converters(model: nn.Module, dtype: torch.dtype, skip: set[str] = frozenset()) -> dict:
