@@ -152,7 +152,7 @@ def is_target(name: str, module: nn.Module) -> bool:
 
 
 def plain_weight(module: nn.Module) -> torch.Tensor:
-    return module.weight.to_dense() if module.weight.is_mkldnn else module.weight
+    return module.dense_weight() if isinstance(module, PackedLinear) else module.weight
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,118 @@
+"""The hand-written bf16 CPU kernel (idefics/csrc/bf16_matmul.cpp) against two independent expectations: float32
+arithmetic on the same bf16 inputs (every output within one bf16 rounding step of it, at shapes that exercise
+each path: one row and many, partial panels of outputs, odd and chunked input widths, bias), and `F.linear`, the
+reference's bf16 matmul (oneDNN), bit for bit. A packed bf16 layer uses it, keeps its state dict, and falls back
+to oneDNN when it is switched off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefics import cpu_kernels
+from idefics.packing import PackedLinear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_has_avx512_bf16(), reason="CPU without AVX-512 BF16")
+
+
+def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
+    """Distance between consecutive bf16 values around |x| (8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp(min=2.0**-100)))
+    return 2.0 ** (exponent - 7)
+
+
+def test_kernel_builds_here():
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 2, 96), (2, 130, 33), (5, 65, 200),
+                                   (6, 128, 128), (7, 100, 1000), (13, 64, 8195), (128, 192, 257)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_within_one_rounding_of_float32_arithmetic(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    exact = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = cpu_kernels.linear(x, cpu_kernels.pack(w), b, n)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # one rounding to bf16 (half a spacing) plus float32 summation-order differences
+    assert bool(((got.float() - exact).abs() <= bf16_spacing(exact)).all())
+
+
+def test_linear_keeps_leading_dims_and_handles_empty_input():
+    w = torch.randn(70, 48).bfloat16()
+    packed = cpu_kernels.pack(w)
+    x = torch.randn(2, 3, 48).bfloat16()
+    out = cpu_kernels.linear(x, packed, None, 70)
+    assert out.shape == (2, 3, 70)
+    assert torch.equal(out.reshape(6, 70), cpu_kernels.linear(x.reshape(6, 48), packed, None, 70))
+    assert cpu_kernels.linear(torch.empty(0, 48).bfloat16(), packed, None, 70).shape == (0, 70)
+    strided = torch.randn(48, 5).bfloat16().t()  # non-contiguous rows
+    assert torch.equal(cpu_kernels.linear(strided, packed, None, 70),
+                       cpu_kernels.linear(strided.contiguous(), packed, None, 70))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bit_identical_to_f_linear(threads):
+    """F.linear is what transformers calls: equal outputs make our bf16 model give the reference's tokens."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, k in [(1, 1024), (1, 2816), (1, 5632), (2, 2048), (5, 768), (8, 2816), (64, 1536), (128, 1024),
+                     (257, 768), (130, 3072)]:
+            n = max(128, 4096 // m)
+            gen = torch.Generator().manual_seed(m + k)
+            w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen).bfloat16()
+            b = torch.randn(n, generator=gen).bfloat16()
+            packed = cpu_kernels.pack(w)
+            assert torch.equal(cpu_kernels.linear(x, packed, None, n), F.linear(x, w)), (m, k)
+            assert torch.equal(cpu_kernels.linear(x, packed, b, n), F.linear(x, w, b)), (m, k, "bias")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n,k", [(64, 64), (130, 33), (5, 4099)])
+def test_pack_round_trips(n, k):
+    w = torch.randn(n, k).bfloat16()
+    packed = cpu_kernels.pack(w)
+    assert packed.shape == (-(-n // 64), -(-k // 2), 64, 2)
+    assert torch.equal(cpu_kernels.unpack(packed, n, k), w)
+
+
+def test_bad_inputs_name_the_problem():
+    packed = cpu_kernels.pack(torch.randn(64, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="input must be bfloat16"):
+        cpu_kernels.linear(torch.randn(1, 32), packed, None, 64)
+    with pytest.raises(RuntimeError, match="input has 30 features"):
+        cpu_kernels.linear(torch.randn(1, 30).bfloat16(), packed, None, 64)
+    with pytest.raises(RuntimeError, match="bias has 3 values for 64 outputs"):
+        cpu_kernels.linear(torch.randn(1, 32).bfloat16(), packed, torch.zeros(3).bfloat16(), 64)
+    with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16"):
+        cpu_kernels.pack(torch.randn(64, 32))
+
+
+def test_packed_bf16_layer_uses_the_kernel_and_keeps_its_state_dict():
+    linear = nn.Linear(96, 80).bfloat16()
+    packed = PackedLinear(linear.weight, linear.bias)
+    assert not packed.weight.is_mkldnn and "bf16-kernel" in repr(packed)
+    assert torch.equal(packed.state_dict()["weight"], linear.weight)
+    x = torch.randn(4, 96).bfloat16()
+    with torch.no_grad():
+        exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert bool(((packed(x).float() - exact).abs() <= bf16_spacing(exact)).all())
+        assert torch.equal(packed(x.float()), F.linear(x.float(), linear.weight.float(), linear.bias.float()))
+
+
+def test_switched_off_bf16_layers_use_onednn():
+    code = ("import torch; from idefics.packing import PackedLinear; from idefics import cpu_kernels; "
+            "p = PackedLinear(torch.randn(8, 16).bfloat16(), None); "
+            "print(cpu_kernels.available(), p.weight.is_mkldnn)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "IDEFICS_CPU_KERNELS": "0"})
+    assert out.stdout.split() == ["False", "True"]
