@@ -4,8 +4,9 @@ Decoding is memory-bound: every new token reads each decoder weight once, so few
 proportionally faster steps (and IDEFICS-9B fits in 12 GB). Activations stay in floating point; only the
 weights are stored in integers and expanded inside the matmul kernel.
 
-* `int8`: per-output-channel symmetric scales (w ≈ q * scale, q in [-127, 127]); matmul by
-  `torch._weight_int8pack_mm`, which dequantizes in registers.
+* `int8`: per-output-channel symmetric scales (w ≈ q * scale, q in [-127, 127]); matmul by this project's CPU
+  kernel where the CPU has AVX-512 BF16 (`cpu_kernels`), else `torch._weight_int8pack_mm`; both dequantize in
+  registers.
 * `int4`: groups of 128 input channels, asymmetric (w ≈ q * scale + min, q in [0, 15]), packed two per byte
   for `torch._weight_int4pack_mm_for_cpu`. Coarser: check the quality numbers the benchmark prints.
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .packing import PackedLinear, pack_converters, unfuse
 
 MODES = ("int8", "int4")
@@ -43,7 +45,11 @@ def kernel_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scales[:, None]).T with q int8 [out, in] and float32 per-row `scales` [out]."""
+    """y = x @ (q * scales[:, None]).T with q int8 [out, in] and float32 per-row `scales` [out].
+
+    On CPUs with this project's kernel (`cpu_kernels`), q is stored in the kernel's panel layout and the matmul
+    runs there: decoding reads the int8 weights ~1.8x faster than `torch._weight_int8pack_mm` and prefill is
+    ~3x faster (bf16 activations, float32 sums and scales). The state dict always holds the plain [out, in] q."""
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -64,23 +70,53 @@ class Int8Linear(nn.Module):
             s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
             q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127)
             scales[start:start + rows] = s
-        module.weight, module.scales = q, scales
+        module.weight, module.scales = module.layout(q), scales
         return module
 
+    @staticmethod
+    def layout(q: torch.Tensor) -> torch.Tensor:
+        """q as this module stores it: the kernel's panels on a CPU that has the kernel, else as is."""
+        return cpu_kernels.pack(q) if q.device.type == "cpu" and cpu_kernels.available() else q
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.dim() == 4
+
+    def int8_weight(self) -> torch.Tensor:
+        """q as [out, in]."""
+        return cpu_kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales[:, None]
+        return self.int8_weight().float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
-        if flat.device.type == "cpu":
+        if self.packed:
+            out = cpu_kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
+        elif flat.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
         else:  # other devices: dequantize on the fly
             out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
         return out.to(dtype).view(*shape[:-1], self.out_features)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "weight"] = self.int8_weight()
+        destination[prefix + "scales"] = self.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in ("weight", "scales"):
+            if prefix + name not in state_dict:
+                if strict:
+                    missing_keys.append(prefix + name)
+                return
+        self.weight = self.layout(state_dict[prefix + "weight"].to(torch.int8))
+        self.scales = state_dict[prefix + "scales"].float()
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        kernel = ", bf16-kernel-packed" if self.packed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{kernel}"
 
 
 class Int4Linear(nn.Module):

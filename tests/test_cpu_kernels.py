@@ -77,6 +77,43 @@ def test_bit_identical_to_f_linear(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 200, 1025), (1, 70, 8195), (2, 130, 33), (7, 100, 1000),
+                                   (13, 64, 2050)])
+def test_int8_linear_within_one_rounding_of_exact(m, n, k):
+    """int8 weights with float32 scales: y = scale * (x . q) (+ bias) within one bf16 rounding of the exact value
+    (float64 here) plus float32 summation error (k ulps of the sum of |products|; matters where the bias cancels
+    the product). One row takes the decoding path (float32 FMAs), several rows the widened bf16 tiles."""
+    gen = torch.Generator().manual_seed(m * 31 + n + k)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale, bias = torch.rand(n, generator=gen) / 50, torch.randn(n, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    packed = cpu_kernels.pack(q)
+    assert packed.dtype == torch.int8 and torch.equal(cpu_kernels.unpack(packed, n, k), q)
+    for b in (None, bias):
+        exact = (x.double() @ q.double().T) * scale.double() + (0 if b is None else b.double())
+        summation = k * 2.0**-24 * (x.double().abs() @ q.double().abs().T) * scale.double()
+        got = cpu_kernels.linear(x, packed, b, n, scale=scale)
+        assert bool(((got.double() - exact).abs() <= bf16_spacing(exact).double() + summation).all())
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        cpu_kernels.linear(x, packed, None, n)
+
+
+def test_int8_layer_uses_the_kernel_and_keeps_its_state_dict():
+    from idefics.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 200) / 16
+    layer = Int8Linear.from_weight(weight)
+    assert layer.packed and "bf16-kernel" in repr(layer)
+    state = layer.state_dict()
+    assert state["weight"].shape == (96, 200) and state["weight"].dtype == torch.int8
+    other = Int8Linear(200, 96)
+    other.load_state_dict(state)
+    x = torch.randn(3, 200).bfloat16()
+    assert other.packed and torch.equal(other(x), layer(x))
+    assert torch.equal(other.dequantized(), layer.dequantized())
+
+
 @pytest.mark.parametrize("n,k", [(64, 64), (130, 33), (5, 4099)])
 def test_pack_round_trips(n, k):
     w = torch.randn(n, k).bfloat16()
@@ -93,7 +130,7 @@ def test_bad_inputs_name_the_problem():
         cpu_kernels.linear(torch.randn(1, 30).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="bias has 3 values for 64 outputs"):
         cpu_kernels.linear(torch.randn(1, 32).bfloat16(), packed, torch.zeros(3).bfloat16(), 64)
-    with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16"):
+    with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16 or int8"):
         cpu_kernels.pack(torch.randn(64, 32))
 
 
