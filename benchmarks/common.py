@@ -164,14 +164,19 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the faster of the two CPU matmul paths PyTorch has for `dtype` (plain `F.linear`, oneDNN with a
-    prepacked weight) on a square product large enough to be compute-bound: the ceiling for prefill, which is
-    almost all matmuls."""
+    """FLOP/s of the fastest CPU matmul path for `dtype` (plain `F.linear`, oneDNN with a prepacked weight, this
+    project's bf16 kernel) on a square product large enough to be compute-bound: the ceiling for prefill, which
+    is almost all matmuls."""
+    from idefics import cpu_kernels
+
     x, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     paths = [lambda: torch.nn.functional.linear(x, w)]
     if torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         paths.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    if dtype == torch.bfloat16 and cpu_kernels.available():
+        panels = cpu_kernels.pack(w)
+        paths.append(lambda: cpu_kernels.linear(x, panels, None, size))
     return max(2 * size ** 3 / median_seconds(path, repeats) for path in paths)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, run_together
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, fused_output
 
 
 class SelfAttention(nn.Module):
@@ -22,12 +22,15 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = run_together(x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = fused_output(x, self.q_proj, self.k_proj, self.v_proj)
+        if qkv is not None:  # one matmul: rotate the query and key heads together, in one pass
+            heads = qkv.view(b, t, h + 2 * kv, d).transpose(1, 2)
+            qk = apply_rotary(heads[:, :h + kv], *rope)
+            q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kv:]
+        else:
+            q, k, v = (p(x).view(b, t, -1, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = attention(q, k, v, mask, enable_gqa=self.kv_heads != self.heads)

@@ -10,7 +10,8 @@ from torch import nn
 
 class RMSNorm(nn.Module):
     """LLaMA RMSNorm. Statistics in float32; cast to the weight's dtype only when that is half precision
-    (as the reference does, so bf16 results match bit for bit)."""
+    (as the reference does, so bf16 results match bit for bit). `F.rms_norm` on the float32 input computes the
+    reference's x * rsqrt(mean(x^2) + eps) bit for bit in one kernel instead of five."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -18,20 +19,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return self.weight * x
 
 
-def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The outputs of `linears` on the same input: one matmul when they are, in order, the parts of one fused
-    layer (`packing.FusedLinear`, made for CPU inference), else one call each."""
+def fused_output(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+    """The outputs of `linears` side by side from one matmul when they are, in order, the parts of one fused
+    layer (`packing.FusedLinear`, made for CPU inference); None otherwise."""
     fused = getattr(linears[0], "fused", None)
     if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
             and [m.start for m in linears] == fused.starts:
-        return fused(x).split(fused.sizes, dim=-1)
+        return fused(x)
+    return None
+
+
+def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of `linears` on the same input: one matmul when they are one fused layer, else one call each."""
+    out = fused_output(x, *linears)
+    if out is not None:
+        return out.split([m.out_features for m in linears], dim=-1)
     return tuple(linear(x) for linear in linears)
 
 
@@ -48,7 +56,9 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for LLaMA's rotate-half RoPE, computed in float32 for the given positions."""
+    """cos/sin tables for LLaMA's rotate-half RoPE, computed in float32 for the given positions. The sine comes
+    with the sign of rotate-half folded in ([-sin, sin] over the two halves), so `apply_rotary` needs one
+    swap of halves instead of a negation and a concatenation (same products: IEEE negation is exact)."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
@@ -61,14 +71,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        sin = freqs.sin()
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+        return emb.cos().to(dtype)[:, None], torch.cat([-sin, sin], dim=-1).to(dtype)[:, None]  # [B, 1, T, D]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as [x2, x1] * [-sin, sin]."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

@@ -165,3 +165,22 @@ def test_banned_image_tokens_never_generated(reference_checkpoint, images):
     theirs = reference_processor(folder)(text=prompt, add_end_of_utterance_token=False)
     assert got == trim_after_stop(reference_greedy(ref, reference_processor(folder), theirs, 6,
                                                    pipe.stop_token_ids())[0], pipe.stop_token_ids())
+
+
+@pytest.mark.parametrize("name", ["small_9b", "small_instruct", "no_resampler"])
+def test_logits_bfloat16_bit_identical_to_reference(reference_checkpoint, images, name):
+    """Both sides loaded in bf16 as users load them (`from_pretrained(dtype=bfloat16)` keeps the rotary
+    frequencies in float32, as we do): every op of ours rounds like the reference's (our matmuls give oneDNN's
+    bits, RMSNorm and RoPE keep its operation order), so the logits are equal, not just close."""
+    from transformers import IdeficsForVisionText2Text
+
+    folder, _ = reference_checkpoint(name)
+    pipe = idefics.load(folder, dtype="bfloat16")
+    battery = prompt_battery(images)
+    ours = pipe.processor([battery["one_image"], battery["several_images"]])  # left padding in row 0
+    ref_bf16 = IdeficsForVisionText2Text.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        our_logits = pipe.model(**ours).logits
+        ref_logits = ref_bf16(**dict(ours, pixel_values=ours["pixel_values"].to(torch.bfloat16))).logits
+    real = ours["attention_mask"].bool()  # padding positions carry no meaning
+    assert torch.equal(our_logits[real], ref_logits[real])

@@ -1,0 +1,86 @@
+"""The matmul kernels alone, at the model's layer shapes: this project's CPU kernel (`idefics/cpu_kernels.py`)
+against what it replaces, in one run, interleaved, medians, with the ratio.
+
+    python benchmarks/bench_kernels.py              # 463M benchmark model's shapes, 1 thread
+    python benchmarks/bench_kernels.py --nine-b     # idefics-9b's shapes
+
+bf16 weights: ours vs oneDNN with a prepacked weight (the fastest path PyTorch has; `F.linear` goes through
+oneDNN too). int8 weights (per-row scales, bf16 activations): ours vs `torch._weight_int8pack_mm`. One row of x
+is a decoding step (memory-bound: GB/s of weights read, against the streaming rate measured in the same run);
+128 rows is a prefill (compute-bound: GFLOP/s). Each layer is timed over enough copies of its weight to be far
+larger than the caches, so every call streams from memory as in a real step."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from idefics import cpu_kernels  # noqa: E402
+
+SHAPES = {"463M": [(3072, 1024, "q/k/v"), (5632, 1024, "gate/up"), (1024, 2816, "down"), (1024, 1024, "o"),
+                   (32000, 1024, "output")],
+          "9B": [(12288, 4096, "q/k/v"), (22016, 4096, "gate/up"), (4096, 11008, "down"), (4096, 4096, "o")]}
+
+
+def paired(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, measured in alternating rounds."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(common.median_seconds(fn, 3))
+    return {name: common.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nine-b", action="store_true", help="idefics-9b's layer shapes instead of the 463M model's")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", type=int, default=256, help="MiB of weight copies per layer (defeats caches)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        raise SystemExit("this CPU has no AVX-512 BF16 (or the kernel is switched off): nothing to compare")
+    bandwidth = common.memory_bandwidth()
+    print(f"torch {torch.__version__}, {args.threads} threads; streaming read {bandwidth / 1e9:.1f} GB/s "
+          f"(float32 sum of 1 GiB)\n")
+    print("| weights | layer (out x in) | rows | ours | theirs | ours/theirs (speed) |")
+    print("|---|---|---|---|---|---|")
+    for n, k, name in SHAPES["9B" if args.nine_b else "463M"]:
+        copies = max(1, args.memory * 2**20 // (2 * n * k))
+        bf16 = [torch.randn(n, k).bfloat16() for _ in range(copies)]
+        ours_bf16 = [cpu_kernels.pack(w) for w in bf16]
+        onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf16]
+        del bf16
+        q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
+        ours_q = [cpu_kernels.pack(w) for w in q]
+        scales = torch.rand(n) / 100
+        for rows in (1, 128):
+            x = torch.randn(rows, k).bfloat16()
+            cases = {
+                "bf16": {"ours": lambda: [cpu_kernels.linear(x, w, None, n) for w in ours_bf16],
+                         "theirs": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                            for w in onednn]},
+                "int8": {"ours": lambda: [cpu_kernels.linear(x, w, None, n, scales) for w in ours_q],
+                         "theirs": lambda: [torch._weight_int8pack_mm(x, w, scales.bfloat16()) for w in q]},
+            }
+            for kind, fns in cases.items():
+                t = paired(fns, args.repeats)
+                size = copies * n * k * (2 if kind == "bf16" else 1)
+
+                def rate(seconds: float) -> str:
+                    if rows == 1:
+                        return f"{size / seconds / 1e9:.1f} GB/s ({size / seconds / bandwidth:.0%} of streaming)"
+                    return f"{2 * rows * copies * n * k / seconds / 1e9:.0f} GFLOP/s"
+
+                print(f"| {kind} | {name} {n} x {k} | {rows} | {rate(t['ours'])} | {rate(t['theirs'])} | "
+                      f"{t['theirs'] / t['ours']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
