@@ -4,8 +4,9 @@ against what it replaces, in one run, interleaved, medians, with the ratio.
     python benchmarks/bench_kernels.py              # 463M benchmark model's shapes, 1 thread
     python benchmarks/bench_kernels.py --nine-b     # idefics-9b's shapes
 
-bf16 weights: ours vs oneDNN with a prepacked weight (the fastest path PyTorch has; `F.linear` goes through
-oneDNN too). int8 weights (per-row scales, bf16 activations): ours vs `torch._weight_int8pack_mm`. One row of x
+bf16 and float32 weights: ours vs oneDNN with a prepacked weight (the fastest path PyTorch has here; bf16
+`F.linear` goes through oneDNN too, float32 through MKL, slower). int8 weights (per-row scales, bf16 activations):
+ours vs `torch._weight_int8pack_mm`. One row of x
 is a decoding step (memory-bound: GB/s of weights read, against the streaming rate measured in the same run);
 128 rows is a prefill (compute-bound: GFLOP/s). Each layer is timed over enough copies of its weight to be far
 larger than the caches, so every call streams from memory as in a real step."""
@@ -53,25 +54,27 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n, k, name in SHAPES["9B" if args.nine_b else "463M"]:
         copies = max(1, args.memory * 2**20 // (2 * n * k))
-        bf16 = [torch.randn(n, k).bfloat16() for _ in range(copies)]
-        ours_bf16 = [cpu_kernels.pack(w) for w in bf16]
-        onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in bf16]
-        del bf16
+        ours, onednn = {}, {}
+        for dtype in (torch.bfloat16, torch.float32):
+            weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+            ours[dtype] = [cpu_kernels.pack(w) for w in weights]
+            onednn[dtype] = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
         q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
         ours_q = [cpu_kernels.pack(w) for w in q]
         scales = torch.rand(n) / 100
         for rows in (1, 128):
             x = torch.randn(rows, k).bfloat16()
             cases = {
-                "bf16": {"ours": lambda: [cpu_kernels.linear(x, w, None, n) for w in ours_bf16],
-                         "theirs": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                                            for w in onednn]},
-                "int8": {"ours": lambda: [cpu_kernels.linear(x, w, None, n, scales) for w in ours_q],
-                         "theirs": lambda: [torch._weight_int8pack_mm(x, w, scales.bfloat16()) for w in q]},
-            }
+                dtype: {"ours": lambda d=dtype: [cpu_kernels.linear(x.to(d), w, None, n) for w in ours[d]],
+                        "theirs": lambda d=dtype: [torch.ops.mkldnn._linear_pointwise(x.to(d), w, None, "none", [], "")
+                                                   for w in onednn[d]]}
+                for dtype in (torch.bfloat16, torch.float32)}
+            cases["int8"] = {"ours": lambda: [cpu_kernels.linear(x, w, None, n, scales) for w in ours_q],
+                             "theirs": lambda: [torch._weight_int8pack_mm(x, w, scales.bfloat16()) for w in q]}
             for kind, fns in cases.items():
                 t = paired(fns, args.repeats)
-                size = copies * n * k * (2 if kind == "bf16" else 1)
+                size = copies * n * k * {torch.bfloat16: 2, torch.float32: 4, "int8": 1}[kind]
+                kind = str(kind).removeprefix("torch.")
 
                 def rate(seconds: float) -> str:
                     if rows == 1:

@@ -1,8 +1,9 @@
-"""This project's one compiled piece: a bf16 matmul for CPUs with AVX-512 BF16 (`csrc/bf16_matmul.cpp`), used by
-`packing.PackedLinear` for bf16 inference. Decoding streams every decoder weight once per token; this kernel
-reads its own weight layout at close to the machine's streaming rate, where oneDNN's prepacked kernel reaches
-~80% of it; it matches oneDNN's speed on prefill-sized products and gives oneDNN's (and so the reference's)
-results bit for bit.
+"""This project's one compiled piece: a matmul for CPU inference on AVX-512 BF16 (`csrc/matmul.cpp`), with bf16,
+int8 (weight-only, per-row scales) or float32 weights, used by `packing.PackedLinear` and `quantize.Int8Linear`.
+Decoding streams every decoder weight once per token; this kernel reads its own weight layout at close to the
+machine's streaming rate, where oneDNN's prepacked kernels (and `torch._weight_int8pack_mm`) reach much less of
+it; it matches oneDNN's speed on prefill-sized products and gives oneDNN's (and so the reference's) bf16
+results bit for bit. `benchmarks/bench_kernels.py` measures it against them.
 
 It is compiled on first use with the C++ compiler torch's extension builder finds (~10 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "bf16_matmul.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / "matmul.cpp"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 _state: dict[str, object] = {}
 
@@ -45,12 +46,12 @@ def build(verbose: bool = False) -> None:
     """Compile (or load the cached build of) the kernel; registers `torch.ops.idefics.*`. Raises on failure."""
     from torch.utils.cpp_extension import load
 
-    if not hasattr(torch.ops.idefics, "bf16_linear"):
+    if not hasattr(torch.ops.idefics, "linear"):
         if not _cached():
             print("idefics: compiling the bf16 CPU kernel (once per machine, ~10 s)...", file=sys.stderr, flush=True)
         load(name="idefics_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
              is_python_module=False, verbose=verbose)
-        torch.library.register_fake("idefics::bf16_linear")(_linear_shape)
+        torch.library.register_fake("idefics::linear")(_linear_shape)
 
 
 def _cached() -> bool:
@@ -83,13 +84,19 @@ def available() -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] bf16 or int8 weight → the kernel's layout [ceil(N/64), ceil(K/2), 64, 2], same dtype."""
+    """[N, K] weight → the kernel's layout, same dtype: [ceil(N/64), ceil(K/2), 64, 2] for bf16 and int8 (pairs of
+    input features side by side), [ceil(N/64), K, 64, 1] for float32."""
     build()
-    return torch.ops.idefics.bf16_pack(weight.detach())
+    return torch.ops.idefics.pack(weight.detach())
 
 
 def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    return torch.ops.idefics.bf16_unpack(packed, n, k)
+    return torch.ops.idefics.unpack(packed, n, k)
+
+
+# float32 sums are split into chunks of 128 input features (added in order): as accurate as oneDNN's and MKL's
+# float32 GEMMs (one running sum over 11008 features errs ~10x more), at no measurable cost.
+FLOAT32_CHUNK = 128
 
 
 def onednn_chunk(rows: int, k: int) -> int:
@@ -101,7 +108,8 @@ def onednn_chunk(rows: int, k: int) -> int:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] bf16 times the packed weight's transpose → [..., n] bf16. int8 weights need `scale` (float32
-    per output: y = scale * (x . q) + bias)."""
+    """x [..., K] times the packed weight's transpose → [..., n], in x's dtype: bf16 for bf16 and int8 weights,
+    float32 for float32 ones. int8 weights need `scale` (float32 per output: y = scale * (x . q) + bias)."""
     k = x.shape[-1]
-    return torch.ops.idefics.bf16_linear(x, packed, scale, bias, n, onednn_chunk(x.numel() // max(k, 1), k))
+    chunk = FLOAT32_CHUNK if packed.dtype == torch.float32 else onednn_chunk(x.numel() // max(k, 1), k)
+    return torch.ops.idefics.linear(x, packed, scale, bias, n, chunk)

@@ -115,7 +115,7 @@ class Int8Linear(nn.Module):
         self.scales = state_dict[prefix + "scales"].float()
 
     def extra_repr(self) -> str:
-        kernel = ", bf16-kernel-packed" if self.packed else ""
+        kernel = ", kernel-packed" if self.packed else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{kernel}"
 
 

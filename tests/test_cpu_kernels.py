@@ -1,4 +1,4 @@
-"""The hand-written bf16 CPU kernel (idefics/csrc/bf16_matmul.cpp) against two independent expectations: float32
+"""The hand-written CPU matmul (idefics/csrc/matmul.cpp) against two independent expectations: float32
 arithmetic on the same bf16 inputs (every output within one bf16 rounding step of it, at shapes that exercise
 each path: one row and many, partial panels of outputs, odd and chunked input widths, bias), and `F.linear`, the
 reference's bf16 matmul (oneDNN), bit for bit. A packed bf16 layer uses it, keeps its state dict, and falls back
@@ -98,13 +98,28 @@ def test_int8_linear_within_one_rounding_of_exact(m, n, k):
         cpu_kernels.linear(x, packed, None, n)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 70, 11008), (3, 130, 33), (6, 64, 300),
+                                   (128, 192, 257)])
+def test_float32_linear_within_summation_error(m, n, k):
+    """float32 weights: exact float32 products summed in chunks of 128 features, so the error stays within the
+    classic bound for that order: (128 + k/128 + 2) ulps of the sum of |products|, checked against float64."""
+    gen = torch.Generator().manual_seed(m + 7 * n + k)
+    w, x, b = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    packed = cpu_kernels.pack(w)
+    assert packed.dtype == torch.float32 and torch.equal(cpu_kernels.unpack(packed, n, k), w)
+    exact = x.double() @ w.double().T + b.double()
+    bound = (128 + k / 128 + 2) * 2.0**-24 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    got = cpu_kernels.linear(x, packed, b, n)
+    assert got.dtype == torch.float32 and bool(((got.double() - exact).abs() <= bound).all())
+
+
 def test_int8_layer_uses_the_kernel_and_keeps_its_state_dict():
     from idefics.quantize import Int8Linear
 
     torch.manual_seed(0)
     weight = torch.randn(96, 200) / 16
     layer = Int8Linear.from_weight(weight)
-    assert layer.packed and "bf16-kernel" in repr(layer)
+    assert layer.packed and "kernel-packed" in repr(layer)
     state = layer.state_dict()
     assert state["weight"].shape == (96, 200) and state["weight"].dtype == torch.int8
     other = Int8Linear(200, 96)
@@ -130,14 +145,16 @@ def test_bad_inputs_name_the_problem():
         cpu_kernels.linear(torch.randn(1, 30).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="bias has 3 values for 64 outputs"):
         cpu_kernels.linear(torch.randn(1, 32).bfloat16(), packed, torch.zeros(3).bfloat16(), 64)
-    with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16 or int8"):
-        cpu_kernels.pack(torch.randn(64, 32))
+    with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16, int8 or float32"):
+        cpu_kernels.pack(torch.randn(64, 32, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input must be float32 on the CPU for Float weights"):
+        cpu_kernels.linear(torch.randn(1, 32).bfloat16(), cpu_kernels.pack(torch.randn(64, 32)), None, 64)
 
 
 def test_packed_bf16_layer_uses_the_kernel_and_keeps_its_state_dict():
     linear = nn.Linear(96, 80).bfloat16()
     packed = PackedLinear(linear.weight, linear.bias)
-    assert not packed.weight.is_mkldnn and "bf16-kernel" in repr(packed)
+    assert not packed.weight.is_mkldnn and "kernel-packed" in repr(packed)
     assert torch.equal(packed.state_dict()["weight"], linear.weight)
     x = torch.randn(4, 96).bfloat16()
     with torch.no_grad():
