@@ -7,8 +7,9 @@ results bit for bit. `benchmarks/bench_kernels.py` measures it against them.
 
 It is compiled on first use with the C++ compiler torch's extension builder finds (~10 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
-lacks AVX-512 BF16, no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False and bf16
-layers use oneDNN: the same results, a little slower.
+lacks AVX-512 BF16 (or has AMX), no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
+and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
+and int8 ones equal to rounding, a little slower.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
 _state: dict[str, object] = {}
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_supported() -> bool:
     """The CPU has the flags the kernel is compiled for (checked before loading: code built for them would fault
     on a CPU without them) and no AMX: with AMX tiles oneDNN's bf16 matmuls are several times faster for
     prefill than any AVX-512 kernel, and sum in another order. Linux reports the flags in /proc/cpuinfo;
@@ -71,7 +72,7 @@ def _linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor | N
 def available() -> bool:
     """True when bf16 layers can use the kernel here (decided once per process; a failed build warns once)."""
     if "ok" not in _state:
-        ok = cpu_has_avx512_bf16() and not disabled() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        ok = cpu_supported() and not disabled() and torch.backends.cpu.get_cpu_capability() == "AVX512"
         if ok:
             try:
                 build()

@@ -17,7 +17,7 @@ from torch import nn
 from idefics import cpu_kernels
 from idefics.packing import PackedLinear
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_has_avx512_bf16() or cpu_kernels.disabled(),
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
                                 reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
 
 

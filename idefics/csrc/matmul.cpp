@@ -118,7 +118,6 @@ void tile_f32(const float* x, int64_t k, const float* w, int64_t k0, int64_t k1,
   __m512 acc[Rows][4];
   for (int r = 0; r < Rows; r++)
     for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-#pragma GCC unroll 4
   for (int64_t c = k0; c < k1; c++, w += kBlockN) {
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
     const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);

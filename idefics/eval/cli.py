@@ -112,7 +112,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     initialised = distributed.init_from_env()
-    completed = False
+    completed, code = False, 0
     rank = distributed.rank()
     try:
         device = args.device
@@ -129,10 +129,8 @@ def run_command(args: argparse.Namespace) -> int:
         completed = True
     except (AnnotationError, EvalError, ValueError, FileNotFoundError) as error:
         print(f"idefics eval: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown(initialised, completed)
-    if rank == 0:
+        code = 2
+    if completed and rank == 0:
         print(markdown_table(results), end="")
         print(f"results in {args.out}/results.json, results.md, results.png")
-    return 0
+    return distributed.finish(initialised, completed, code)
