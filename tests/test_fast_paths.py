@@ -1,6 +1,6 @@
-"""The CPU fast paths give the plain path's outputs: prepacked oneDNN linears (bf16 bit-identical, float32 to
-rounding), float32 attention for single-query bf16 steps, and cached decoding equal to full forwards with
-both. State dicts of packed models are unchanged."""
+"""The CPU fast paths give the plain path's outputs: packed linears (this project's kernel where the CPU has
+AVX-512 BF16, else oneDNN; bf16 bit-identical, float32 to rounding), float32 attention for single-query bf16
+steps, and cached decoding equal to full forwards with both. State dicts of packed models are unchanged."""
 
 from __future__ import annotations
 
