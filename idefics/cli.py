@@ -143,7 +143,34 @@ def run_info(args: argparse.Namespace) -> int:
                        if t and tok.token_to_id(t) is not None)
     print(f"vocabulary: {config.vocab_size} + {config.additional_vocab_size} additional; tokens: {tokens}")
     print(f"instruct format (<end_of_utterance>): {tok.has_end_of_utterance}")
+    print(f"matmul kernels: {matmul_kernels(model)}")
     return 0
+
+
+def matmul_kernels(model) -> str:
+    """Which CPU matmul kernels the loaded model's linear layers run on (a fast path a user can check)."""
+    from torch import nn
+
+    from . import cpu_kernels
+    from .packing import PackedLinear
+    from .quantize import Int4Linear, Int8Linear
+
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            kind = "oneDNN (prepacked)" if module.weight.is_mkldnn else "idefics AVX-512 BF16 kernel"
+        elif isinstance(module, Int8Linear):
+            kind = "idefics AVX-512 BF16 kernel" if module.packed else "torch int8"
+        elif isinstance(module, Int4Linear):
+            kind = "torch int4"
+        elif type(module) is nn.Linear:
+            kind = "torch F.linear"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    used = ", ".join(f"{name} x{count}" for name, count in kinds.items()) or "none"
+    why = "" if cpu_kernels.available() else " (this project's kernel is not used here: no AVX-512 BF16, or switched off)"
+    return used + why
 
 
 def build_parser() -> argparse.ArgumentParser:

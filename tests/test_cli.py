@@ -29,6 +29,9 @@ def test_info_and_errors(reference_checkpoint, tmp_path):
     info = run("info", "--model", str(folder))
     assert info.returncode == 0 and "cross-attention: 2 blocks, before every 4 layer(s)" in info.stdout
     assert "<image>=501" in info.stdout
+    from idefics import cpu_kernels  # every linear layer of the loaded (packed) model on one named kernel
+    kernel = "idefics AVX-512 BF16 kernel" if cpu_kernels.available() else "oneDNN (prepacked)"
+    assert f"matmul kernels: {kernel} x" in info.stdout
     missing = run("generate", "--model", str(folder), f"image:{tmp_path / 'nope.png'}", "hi")
     assert missing.returncode != 0 and "image file not found" in missing.stderr
     bad_model = run("info", "--model", str(tmp_path))
