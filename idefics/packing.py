@@ -1,4 +1,4 @@
-"""CPU inference layouts: linear weights reordered once for a fast kernel (`PackedLinear`: this project's bf16
+"""CPU inference layouts: linear weights reordered once for a fast kernel (`PackedLinear`: this project's
 kernel where the CPU has AVX-512 BF16, `cpu_kernels.py`, else oneDNN's blocked format), and sibling projections
 that read the same input fused into one matmul (`FusedLinear`). Both keep the model's state dict unchanged, so a
 packed model saves and loads like a plain one. `checkpoint.load_model(..., pack=True)` builds them while the
@@ -16,9 +16,9 @@ from . import cpu_kernels
 class PackedLinear(nn.Module):
     """A float Linear whose weight is reordered once for a fast CPU kernel, for inference.
 
-    Where the CPU has AVX-512 BF16, this project's kernel (`cpu_kernels`): decoding reads bf16 weights ~20% and
-    float32 weights ~40% faster than oneDNN, prefill runs as fast (bf16) or ~10% faster (float32); bf16 results
-    equal oneDNN's bit for bit, float32 ones differ by rounding only. Otherwise oneDNN's blocked layout: plain
+    Where the CPU has AVX-512 BF16, this project's kernel (`cpu_kernels`): decoding reads bf16 weights up to ~20%
+    and float32 weights ~40% faster than oneDNN, prefill runs about as fast; bf16 results equal oneDNN's bit for
+    bit, float32 ones differ by rounding only. Otherwise oneDNN's blocked layout: plain
     `F.linear` re-arranges the weight on every call for bf16 and goes through MKL for float32, which runs its
     slower generic path on this (AMD, AVX-512) CPU; the prepacked oneDNN kernel was measured 1.4-1.7x faster for
     decoding and ~2x for float32 prefill. The state dict holds the plain weight (unpacked on save, repacked on
