@@ -102,3 +102,23 @@ def test_family_context_counts_every_prompt_position():
     for images in (1, 3):
         assert family.context(10, images) == family.inputs(1, 10, images)["input_ids"].shape[1]
     assert bench_speed.Family("idefics").context(128) == common.prompt_inputs(1, 128, 1, 224)["input_ids"].shape[1]
+
+
+def test_kernel_benchmark_prints_a_row_per_kind_and_size(monkeypatch, capsys):
+    from idefics import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernel is not used on this machine")
+    import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "SHAPES", {"463M": [(130, 96, "tiny")]})
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--memory", "1", "--repeats", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench_kernels.main()
+    finally:
+        torch.set_num_threads(threads)  # main() pins 1 thread
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| tiny 130 x 96 |" in line]
+    kinds = [(row.split("|")[1].strip(), row.split("|")[3].strip()) for row in rows]
+    assert kinds == [(k, r) for r in ("1", "128") for k in ("bfloat16", "float32", "int8")]
+    assert all(row.rstrip().endswith("x |") and "streaming" in row for row in rows[:3])
