@@ -169,7 +169,7 @@ def matmul_kernels(model) -> str:
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
     used = ", ".join(f"{name} x{count}" for name, count in kinds.items()) or "none"
-    why = "" if cpu_kernels.available() else " (this project's kernel is not used here: no AVX-512 BF16, or switched off)"
+    why = "" if cpu_kernels.available() else " (this project's kernel is not used here: no AVX-512 BF16, or off)"
     return used + why
 
 

@@ -106,11 +106,11 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        for name in ("weight", "scales"):
-            if prefix + name not in state_dict:
-                if strict:
-                    missing_keys.append(prefix + name)
-                return
+        missing = [prefix + name for name in ("weight", "scales") if prefix + name not in state_dict]
+        if missing:
+            if strict:
+                missing_keys.extend(missing)
+            return
         self.weight = self.layout(state_dict[prefix + "weight"].to(torch.int8))
         self.scales = state_dict[prefix + "scales"].float()
 

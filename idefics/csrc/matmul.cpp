@@ -263,14 +263,14 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
   const int64_t panel_bytes = kg * kBlockN * per * packed.element_size();
   const float* ss = scale_f.defined() ? scale_f.data_ptr<float>() : nullptr;
   const float* bs = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const bool chunked = kg > step, int8_row = int8 && m == 1;
+  const bool int8_row = int8 && m == 1;
   std::vector<float> xf(int8_row ? static_cast<size_t>(kg) * 2 : 0, 0.0f);  // x in float32 for the int8 row
   for (int64_t c = 0; c < k && int8_row; c++) {
     const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(x.data_ptr())[c]) << 16;
     std::memcpy(&xf[c], &bits, sizeof bits);
   }
   at::parallel_for(0, np, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> partial(chunked ? static_cast<size_t>(m) * kBlockN : 1);
+    std::vector<float> partial(static_cast<size_t>(m) * kBlockN);  // chunk sums of one panel, per row
     std::vector<uint16_t> widened(int8 && !int8_row ? static_cast<size_t>(step) * kBlockN * 2 : 0);
     for (int64_t b = b0; b < b1; b++) {
       const int64_t valid = std::min(kBlockN, n - b * kBlockN);
