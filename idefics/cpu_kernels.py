@@ -49,7 +49,7 @@ def build(verbose: bool = False) -> None:
 
     if not hasattr(torch.ops.idefics, "linear"):
         if not _cached():
-            print("idefics: compiling the bf16 CPU kernel (once per machine, ~10 s)...", file=sys.stderr, flush=True)
+            print("idefics: compiling the CPU matmul kernel (once per machine, ~10 s)...", file=sys.stderr, flush=True)
         load(name="idefics_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
              is_python_module=False, verbose=verbose)
         torch.library.register_fake("idefics::linear")(_linear_shape)
@@ -77,8 +77,8 @@ def available() -> bool:
             try:
                 build()
             except Exception as exc:  # noqa: BLE001 - any build problem means: use oneDNN
-                warnings.warn(f"idefics: the bf16 CPU kernel could not be built ({type(exc).__name__}: "
-                              f"{str(exc).strip()[-300:]}); bf16 layers use oneDNN instead", stacklevel=2)
+                warnings.warn(f"idefics: the CPU matmul kernel could not be built ({type(exc).__name__}: "
+                              f"{str(exc).strip()[-300:]}); the layers use oneDNN instead", stacklevel=2)
                 ok = False
         _state["ok"] = ok
     return bool(_state["ok"])
