@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "matmul.cpp"]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp")]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off"]
 _state: dict[str, object] = {}
 
 
@@ -107,10 +107,46 @@ def onednn_chunk(rows: int, k: int) -> int:
     return 512 if rows == 1 or k <= 1024 else 1024
 
 
+def applies(*tensors: torch.Tensor) -> bool:
+    """The fused ops below can stand in for the eager code: kernels available, every tensor float32 or bf16 on the
+    CPU, and no gradient wanted (they have no backward; training keeps the eager ops)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.dtype in _FUSED_DTYPES and t.device.type == "cpu" for t in tensors) and available()
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_ops: dict[str, object] = {}
+
+
+def _op(name: str):
+    """`torch.ops.idefics.<name>.default`, looked up once (building the kernels if needed)."""
+    op = _ops.get(name)
+    if op is None:
+        build()
+        op = _ops[name] = getattr(torch.ops.idefics, name).default
+    return op
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`layers.RMSNorm` in one op, bit for bit (csrc/norm_rope.cpp): float32 statistics summed in ATen's order;
+    the result in the weight's dtype. Needs at least 8 features (ATen sums shorter rows another way)."""
+    return _op("rms_norm")(x, weight, eps)
+
+
+def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, layer: int, start: int) -> torch.Tensor:
+    """`layers.apply_rotary` on q and k plus the KV-cache write, in one op, bit for bit: q, k, v [B, T, heads * d]
+    (views of one fused projection are fine), cos/signed_sin as `RotaryEmbedding` returns them; rotated k and v
+    go to positions start.. of `layer` in keys/values [layers, B, kv_heads, max_len, d]; returns rotated q as
+    [B, heads, T, d]."""
+    return _op("rotary_into_cache")(q, k, v, cos, signed_sin, keys, values, layer, start)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
            scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] times the packed weight's transpose → [..., n], in x's dtype: bf16 for bf16 and int8 weights,
     float32 for float32 ones. int8 weights need `scale` (float32 per output: y = scale * (x . q) + bias)."""
     k = x.shape[-1]
     chunk = FLOAT32_CHUNK if packed.dtype == torch.float32 else onednn_chunk(x.numel() // max(k, 1), k)
-    return torch.ops.idefics.linear(x, packed, scale, bias, n, chunk)
+    return _op("linear")(x, packed, scale, bias, n, chunk)

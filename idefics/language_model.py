@@ -24,15 +24,21 @@ class SelfAttention(nn.Module):
         b, t, _ = x.shape
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = fused_output(x, self.q_proj, self.k_proj, self.v_proj)
-        if qkv is not None:  # one matmul: rotate the query and key heads together, in one pass
-            heads = qkv.view(b, t, h + 2 * kv, d).transpose(1, 2)
-            qk = apply_rotary(heads[:, :h + kv], *rope)
-            q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kv:]
+        flat = qkv.split([h * d, kv * d, kv * d], -1) if qkv is not None else \
+            [p(x) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        fused = cache.rotate_and_update(layer, *flat, rope) if cache is not None else None
+        if fused is not None:  # rotation and cache write in one CPU op
+            q, k, v = fused
         else:
-            q, k, v = (p(x).view(b, t, -1, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+            if qkv is not None:  # rotate the query and key heads together, in one pass
+                heads = qkv.view(b, t, h + 2 * kv, d).transpose(1, 2)
+                qk = apply_rotary(heads[:, :h + kv], *rope)
+                q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kv:]
+            else:
+                q, k, v = (p.view(b, t, -1, d).transpose(1, 2) for p in flat)
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
         out = attention(q, k, v, mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
