@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off"]
 _state: dict[str, object] = {}
 
@@ -141,6 +141,13 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     go to positions start.. of `layer` in keys/values [layers, B, kv_heads, max_len, d]; returns rotated q as
     [B, heads, T, d]."""
     return _op("rotary_into_cache")(q, k, v, cos, signed_sin, keys, values, layer, start)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row (csrc/attention.cpp), reading k/v as they lie in the cache: q [B, H, 1, d],
+    k/v [B, G, L, d] (G divides H: grouped-query attention), mask [B or 1, 1, 1, L] boolean (true = visible) or
+    additive, or None. Float32 arithmetic, equal to float32 `scaled_dot_product_attention` up to rounding."""
+    return _op("decode_attention")(q, k, v, mask)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,

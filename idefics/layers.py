@@ -88,24 +88,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
-    """`scaled_dot_product_attention`, except that single-query (decoding) steps in bf16/fp16 on CPU run in
-    float32: the fused CPU kernel is 3-5x slower for one query in reduced precision, and float32 is at least as
-    accurate (the kernel accumulates in float32 too). The result is cast back to the input dtype."""
-    if q.shape[-2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        if mask is not None and mask.is_floating_point():
-            mask = mask.float()
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=enable_gqa)
-        return out.to(q.dtype)
+    """`scaled_dot_product_attention`, except for single-query (decoding) steps on CPU: those read k/v as they lie
+    (a strided view of the KV cache) in this project's float32 kernel (`cpu_kernels.decode_attention`), or, where
+    it does not apply, run SDPA in float32 for bf16/fp16 (its fused CPU kernel is 3-5x slower for one query in
+    reduced precision; float32 is at least as accurate: the kernel accumulates in float32 too). The result is in
+    the input dtype."""
+    if q.shape[-2] == 1 and q.device.type == "cpu":
+        if attention_kernel_applies(q, k, v, mask):
+            return cpu_kernels.decode_attention(q, k, v, mask)
+        if q.dtype in (torch.bfloat16, torch.float16):
+            if mask is not None and mask.is_floating_point():
+                mask = mask.float()
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                 enable_gqa=enable_gqa)
+            return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
+def attention_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """`cpu_kernels.decode_attention` takes these (one query, head_dim a multiple of 16, a mask shared by the
+    heads, one dtype) and can run here."""
+    return (q.shape[-1] % 16 == 0 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
+            and q.dtype == k.dtype == v.dtype and cpu_kernels.applies(q, k, v))
+
+
 class KVCache:
-    """Preallocated self-attention keys/values for every layer: [layers, B, kv_heads, max_len, head_dim].
-    `length` is the number of positions written so far (the same for every row: rows are left-padded)."""
+    """Preallocated self-attention keys/values for every layer, position-major: [layers, B, max_len, kv_heads,
+    head_dim], so a decoding step reads all heads of a position from one place (`attention` reads the cache as it
+    lies); layers see [B, kv_heads, positions, head_dim] views. `length` is the number of positions written so far
+    (the same for every row: rows are left-padded)."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (n_layers, batch, kv_heads, max_len, head_dim)
+        shape = (n_layers, batch, max_len, kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
@@ -115,9 +130,13 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer, :, start:end] = k.transpose(1, 2)
+        self.values[layer, :, start:end] = v.transpose(1, 2)
+        return self.layer(layer, end)
+
+    def layer(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, end) of a layer, as [B, kv_heads, end, head_dim] views."""
+        return self.keys[layer, :, :end].transpose(1, 2), self.values[layer, :, :end].transpose(1, 2)
 
     def rotate_and_update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
@@ -125,13 +144,14 @@ class KVCache:
         the new positions, with k rotated and stored, as `apply_rotary` then `update` give them; one CPU op
         (`cpu_kernels.rotary_into_cache`). None where that op does not apply: use those two instead."""
         if not (cpu_kernels.applies(q, k, v, *rope, self.keys) and q.dtype == k.dtype == v.dtype == rope[0].dtype
-                == self.keys.dtype and self.keys.is_contiguous() and self.values.is_contiguous()):
+                == self.keys.dtype and self.keys.is_contiguous() and self.values.is_contiguous()
+                and q.shape[1] > 0):
             return None
         start, end = self.length, self.length + q.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
         q = cpu_kernels.rotary_into_cache(q, k, v, *rope, self.keys, self.values, layer, start)
-        return q, self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return q, *self.layer(layer, end)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -140,6 +160,31 @@ class KVCache:
         """Keep only some batch rows (finished rows leave the batch)."""
         self.keys = self.keys[:, rows]
         self.values = self.values[:, rows]
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n positions (padding in every row): the cache shrinks by n."""
+        self.keys = self.keys[:, :, n:].contiguous()
+        self.values = self.values[:, :, n:].contiguous()
+        self.length -= n
+        self.max_len -= n
+
+    @staticmethod
+    def joined(parts: list["KVCache"], capacity: int) -> "KVCache":
+        """The rows of several caches in one, each left-padded to the longest length; room for `capacity`
+        positions."""
+        first = parts[0]
+        n_layers, _, _, kv_heads, head_dim = first.keys.shape
+        length = max(p.length for p in parts)
+        out = KVCache(n_layers, sum(p.keys.shape[1] for p in parts), kv_heads, capacity, head_dim,
+                      first.keys.dtype, first.keys.device)
+        row = 0
+        for part in parts:
+            rows, shift = part.keys.shape[1], length - part.length
+            out.keys[:, row:row + rows, shift:length] = part.keys[:, :, :part.length]
+            out.values[:, row:row + rows, shift:length] = part.values[:, :, :part.length]
+            row += rows
+        out.length = length
+        return out
 
 
 class DecoupledEmbedding(nn.Module):

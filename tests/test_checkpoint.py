@@ -135,4 +135,5 @@ def test_peak_memory_close_to_checkpoint_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "ckpt"), "float32"],
                          capture_output=True, text=True, check=True).stdout.split()
     base, peak = int(out[0]), int(out[1])
-    assert 0.8 * size < peak - base < 1.25 * size + 60e6, (peak - base) / 1e6
+    # + 80 MB: torch's lazily loaded kernels and this project's compiled ops; a copy would add another 190 MB
+    assert 0.8 * size < peak - base < 1.25 * size + 80e6, (peak - base) / 1e6

@@ -167,7 +167,7 @@ void rotate(const T* x, const T* cos, const T* sin, int64_t d, T* out) {
 }
 
 // q, k, v: [B, T, heads * d] (last dim contiguous; views into one fused projection are fine); cos, sin:
-// [B, T, d]; keys, values: the cache [layers, B, kv_heads, max_len, d]. Writes rotated k and plain v to
+// [B, T, d]; keys, values: the cache [layers, B, max_len, kv_heads, d]. Writes rotated k and plain v to
 // positions start..start+T of `layer` and returns rotated q as [B, heads, T, d].
 at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                              const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t layer,
@@ -178,16 +178,16 @@ at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK(other->scalar_type() == t && other->device().is_cpu(), "idefics rotary: every tensor must be ", t,
                 " on the CPU, got ", other->scalar_type(), " on ", other->device());
   TORCH_CHECK(keys.dim() == 5 && keys.is_contiguous() && values.sizes() == keys.sizes() && values.is_contiguous(),
-              "idefics rotary: the cache must be contiguous [layers, B, kv_heads, max_len, d]");
-  const int64_t b = q.size(0), n = q.size(1), d = keys.size(4), heads = q.size(2) / d, kv = keys.size(2);
-  TORCH_CHECK(layer >= 0 && layer < keys.size(0) && keys.size(1) == b && start >= 0 && start + n <= keys.size(3),
+              "idefics rotary: the cache must be contiguous [layers, B, max_len, kv_heads, d]");
+  const int64_t b = q.size(0), n = q.size(1), d = keys.size(4), heads = q.size(2) / d, kv = keys.size(3);
+  TORCH_CHECK(layer >= 0 && layer < keys.size(0) && keys.size(1) == b && start >= 0 && start + n <= keys.size(2),
               "idefics rotary: positions ", start, "..", start + n, " of layer ", layer, " do not fit the cache of "
               "shape ", keys.sizes());
   TORCH_CHECK(q.size(2) == heads * d && k.size(2) == kv * d && v.size(2) == kv * d && q.stride(2) == 1 &&
               k.stride(2) == 1 && v.stride(2) == 1, "idefics rotary: q, k, v must be [B, T, heads * ", d, "]");
   const at::Tensor c = cos.reshape({b, n, d}).contiguous(), s = sin.reshape({b, n, d}).contiguous();
   at::Tensor out = at::empty({b, heads, n, d}, q.options());
-  const int64_t cap = keys.size(3);
+  const int64_t cap = keys.size(2);
   auto run = [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<T*>(x.data_ptr()); };
@@ -201,7 +201,7 @@ at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at:
         for (int64_t h = 0; h < heads; h++)
           rotate(qp + row * q.stride(0) + pos * q.stride(1) + h * d, cs, sn, d, op + ((row * heads + h) * n + pos) * d);
         for (int64_t h = 0; h < kv; h++) {
-          const int64_t slot = ((row * kv + h) * cap + start + pos) * d;
+          const int64_t slot = ((row * cap + start + pos) * kv + h) * d;
           rotate(kp + row * k.stride(0) + pos * k.stride(1) + h * d, cs, sn, d, kc + slot);
           std::memcpy(vc + slot, vp + row * v.stride(0) + pos * v.stride(1) + h * d, d * sizeof(T));
         }

@@ -249,14 +249,7 @@ class Engine:
         length = max(old.length, new.length)
         rows = self.rows + [row]
         capacity = length + max(r.remaining for r in rows)
-        n_layers, _, kv_heads, _, head_dim = old.keys.shape
-        kv = KVCache(n_layers, len(rows), kv_heads, capacity, head_dim, old.keys.dtype, old.keys.device)
-        for part, start, end in ((old, 0, len(self.rows)), (new, len(self.rows), len(rows))):
-            shift = length - part.length  # left padding for the shorter cache
-            kv.keys[:, start:end, :, shift:length] = part.keys[:, :, :, :part.length]
-            kv.values[:, start:end, :, shift:length] = part.values[:, :, :, :part.length]
-        kv.length = length
-        self.cache.kv = kv
+        self.cache.kv = KVCache.joined([old, new], capacity)  # the shorter cache left-padded
         self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
                                F.pad(mask, (length - mask.shape[1], 0))])
         old_cross, new_cross = getattr(self.cache, "cross_kv", None), getattr(cache, "cross_kv", None)
@@ -366,10 +359,7 @@ class Engine:
         lead = int((self.mask.cumsum(1) == 0).sum(1).min())
         if lead:
             self.mask = self.mask[:, lead:]
-            kv.keys = kv.keys[:, :, :, lead:].contiguous()
-            kv.values = kv.values[:, :, :, lead:].contiguous()
-            kv.length -= lead
-            kv.max_len -= lead
+            kv.drop_front(lead)
 
 
 def pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,197 @@
+// Attention of one query per row (a decoding step) for CPU inference, reading a bf16 or float32 KV cache as it
+// lies in memory.
+//
+// Why: the eager step converted this layer's whole cache to float32 (two passes over it) before
+// `scaled_dot_product_attention`, whose bf16 kernel is 3-5x slower for one query; in a step the cache has gone
+// cold (a step's weights streamed through the caches since the layer last read it), and reading it twice,
+// strided by heads, cost ~7% of the step. Here keys and values are read once, position by position (the KV
+// cache is position-major: [layers, B, max_len, kv_heads, d], so all heads of a position are contiguous).
+//
+// Arithmetic: float32 throughout, as the float32 SDPA path it replaces (bf16 inputs are exact in float32):
+// s_j = (q . k_j) * scale (+ additive mask; boolean mask: hidden keys get weight 0), p_j = exp(s_j - max s),
+// out = (sum_j p_j v_j) / (sum_j p_j), rounded once to the output dtype. The summation order differs from
+// SDPA's, so results agree to float32 rounding (tests/test_cpu_attention.py), not bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+float to_float(float v) { return v; }
+float to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+void store_rounded(float* p, float v) { *p = v; }
+void store_rounded(uint16_t* p, float v) {  // round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  *p = std::isnan(v) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), ~1 ulp: 2^n * e^r with |r| <= ln2/2 and a degree-7
+// Taylor polynomial; 0 below -87.3 (where float32 leaves its normal range) and for -inf.
+__m512 exp_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 result = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), result);
+}
+
+// Keys or values of one batch row: the d values of position j, kv head g at base + j * pos + g * head.
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t pos, head;
+  const T* at(int64_t j, int64_t g) const { return base + j * pos + g * head; }
+};
+
+// One batch row: q [heads, d] -> out [heads, d]. `hidden` (boolean mask, true = not attended) or `add`
+// (additive mask) has one value per position, or is null.
+template <typename T>
+void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_heads, int64_t length, int64_t d,
+                const bool* hidden, const float* add, float scale, T* out, std::vector<float>& scores,
+                std::vector<float>& acc) {
+  const int64_t group = heads / kv_heads, vectors = d / 16;
+  scores.assign(static_cast<size_t>(heads * length), 0.0f);
+  acc.assign(static_cast<size_t>(heads * d), 0.0f);
+  std::vector<float> qf(static_cast<size_t>(heads * d));
+  for (int64_t i = 0; i < heads * d; i++) qf[i] = to_float(q[i]);
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < length; j++) {  // scores, position by position
+    const bool off = hidden != nullptr && hidden[j];
+    for (int64_t h = 0; h < heads; h++) {
+      float s = minus_inf;
+      if (!off) {
+        const T* kj = k.at(j, h / group);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < vectors; c++) sum = _mm512_fmadd_ps(load16(qf.data() + h * d + 16 * c),
+                                                                     load16(kj + 16 * c), sum);
+        s = _mm512_reduce_add_ps(sum) * scale;
+        if (add != nullptr) s += add[j];
+      }
+      scores[h * length + j] = s;
+    }
+  }
+  std::vector<float> total(static_cast<size_t>(heads));
+  for (int64_t h = 0; h < heads; h++) {  // softmax numerators and their sum, per head
+    float* s = scores.data() + h * length;
+    float top = minus_inf;
+    for (int64_t j = 0; j < length; j++) top = std::max(top, s[j]);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= length; j += 16) {
+      const __m512 p = exp_nonpositive(_mm512_sub_ps(load16(s + j), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(s + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    if (j < length) {
+      const __mmask16 rest = static_cast<__mmask16>((1u << (length - j)) - 1u);
+      const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(minus_inf), rest, s + j);
+      const __m512 p = exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(s + j, rest, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    total[h] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t j = 0; j < length; j++) {  // weighted values, position by position
+    for (int64_t h = 0; h < heads; h++) {
+      const float p = scores[h * length + j];
+      if (p == 0.0f) continue;
+      const T* vj = v.at(j, h / group);
+      float* a = acc.data() + h * d;
+      for (int64_t c = 0; c < vectors; c++)
+        _mm512_storeu_ps(a + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(vj + 16 * c), load16(a + 16 * c)));
+    }
+  }
+  for (int64_t h = 0; h < heads; h++)
+    for (int64_t c = 0; c < d; c++) store_rounded(out + h * d + c, acc[h * d + c] / total[h]);
+}
+
+// q [B, H, 1, d]; k, v [B, G, L, d] with any strides but a contiguous last dim (views of the cache); mask
+// [B or 1, 1, 1, L], boolean (true = visible) or additive float32, or none. Returns [B, H, 1, d] in q's dtype.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask) {
+  const auto t = query.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "idefics attention: float32 or bfloat16 only, got ", t);
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t && query.device().is_cpu() && k.device().is_cpu() &&
+              v.device().is_cpu(), "idefics attention: q, k, v must be ", t, " CPU tensors");
+  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "idefics attention: q [B, H, 1, d] and k, v [B, G, L, d], got ", query.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  const int64_t b = query.size(0), heads = query.size(1), d = query.size(3), kv = k.size(1), length = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && kv > 0 && heads % kv == 0 && d % 16 == 0 && k.stride(3) == 1 &&
+              v.stride(3) == 1, "idefics attention: k, v [", b, ", G | ", heads, ", L, ", d,
+              "] with a contiguous last dim and d a multiple of 16, got ", k.sizes());
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = mask->scalar_type() == at::kBool ? mask->logical_not() : mask->to(at::kFloat);
+    TORCH_CHECK(m.dim() == 4 && (m.size(0) == b || m.size(0) == 1) && m.size(1) == 1 && m.size(2) == 1 &&
+                m.size(3) == length, "idefics attention: mask must be [B or 1, 1, 1, ", length, "], got ", m.sizes());
+    m = m.contiguous();
+  }
+  const at::Tensor q = query.contiguous();
+  at::Tensor out = at::empty({b, heads, 1, d}, query.options());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  auto run = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.data_ptr()); };
+    at::parallel_for(0, b, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> scores, acc;
+      for (int64_t r = r0; r < r1; r++) {
+        const int64_t mr = m.defined() && m.size(0) == b ? r : 0;
+        const bool* hidden = m.defined() && m.scalar_type() == at::kBool ? m.data_ptr<bool>() + mr * length : nullptr;
+        const float* add = m.defined() && m.scalar_type() == at::kFloat ? m.data_ptr<float>() + mr * length : nullptr;
+        const Rows<T> kr{ptr(k) + r * k.stride(0), k.stride(2), k.stride(1)};
+        const Rows<T> vr{ptr(v) + r * v.stride(0), v.stride(2), v.stride(1)};
+        attend_row<T>(ptr(q) + r * heads * d, kr, vr, heads, kv, length, d, hidden, add, scale,
+                      reinterpret_cast<T*>(out.data_ptr()) + r * heads * d, scores, acc);
+      }
+    });
+  };
+  if (t == at::kFloat) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    run(static_cast<uint16_t*>(nullptr));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(idefics, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(idefics, CPU, m) {
+  m.impl("decode_attention", decode_attention);
+}
