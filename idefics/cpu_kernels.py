@@ -110,9 +110,12 @@ def onednn_chunk(rows: int, k: int) -> int:
 def applies(*tensors: torch.Tensor) -> bool:
     """The fused ops below can stand in for the eager code: kernels available, every tensor float32 or bf16 on the
     CPU, and no gradient wanted (they have no backward; training keeps the eager ops)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not _state.get("ok", True) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False
-    return all(t.dtype in _FUSED_DTYPES and t.device.type == "cpu" for t in tensors) and available()
+    for t in tensors:
+        if t.dtype not in _FUSED_DTYPES or not t.is_cpu:
+            return False
+    return available()
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)

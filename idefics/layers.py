@@ -21,12 +21,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] >= 8 and cpu_kernels.applies(x, self.weight):  # the same bits in one op instead of ~10
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        weight = self.weight
+        if x.shape[-1] >= 8 and cpu_kernels.applies(x, weight):  # the same bits in one op instead of ~10
+            return cpu_kernels.rms_norm(x, weight, self.eps)
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(weight.dtype)
+        return weight * x
 
 
 def fused_output(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
