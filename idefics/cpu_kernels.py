@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off"]
 _state: dict[str, object] = {}
 
@@ -95,18 +95,6 @@ def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.ops.idefics.unpack(packed, n, k)
 
 
-# float32 sums are split into chunks of 128 input features (added in order): as accurate as oneDNN's and MKL's
-# float32 GEMMs (one running sum over 11008 features errs ~10x more), at no measurable cost.
-FLOAT32_CHUNK = 128
-
-
-def onednn_chunk(rows: int, k: int) -> int:
-    """Input features oneDNN's bf16 matmul sums separately before adding the partial sums (its K block), as
-    measured on AVX-512 BF16 without AMX: 512 for one row or K <= 1024, else 1024. Summing the same way makes
-    every output bit-identical to oneDNN's (tests/test_cpu_kernels.py sweeps the shapes)."""
-    return 512 if rows == 1 or k <= 1024 else 1024
-
-
 def applies(*tensors: torch.Tensor) -> bool:
     """The fused ops below can stand in for the eager code: kernels available, every tensor float32 or bf16 on the
     CPU, and no gradient wanted (they have no backward; training keeps the eager ops)."""
@@ -153,10 +141,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return _op("decode_attention")(q, k, v, mask)
 
 
+def decoder_layer_step(x: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,
+                       qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, heads: int,
+                       kv_heads: int, hidden: int, cos: torch.Tensor, signed_sin: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor, layer: int, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoding step of a LLaMA decoder layer (csrc/decoder_layer.cpp): x [B, 1, D] → [B, 1, D], the same
+    operations as `language_model.DecoderLayer.forward` with fused packed weights, bit for bit; writes the new
+    position (`start`) of `layer` into the position-major cache keys/values."""
+    return _op("decoder_layer_step")(x, input_norm, post_norm, eps, qkv, o, gate_up, down, heads, kv_heads, hidden,
+                                     cos, signed_sin, keys, values, layer, start, mask)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
            scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] times the packed weight's transpose → [..., n], in x's dtype: bf16 for bf16 and int8 weights,
     float32 for float32 ones. int8 weights need `scale` (float32 per output: y = scale * (x . q) + bias)."""
-    k = x.shape[-1]
-    chunk = FLOAT32_CHUNK if packed.dtype == torch.float32 else onednn_chunk(x.numel() // max(k, 1), k)
-    return _op("linear")(x, packed, scale, bias, n, chunk)
+    return _op("linear")(x, packed, scale, bias, n, 0)  # 0: oneDNN's summation blocks (matmul.cpp, default_chunk)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, fused_output
+from . import cpu_kernels
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, fused_of, fused_output
 
 
 class SelfAttention(nn.Module):
@@ -53,8 +54,36 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if cache is not None and x.shape[1] == 1:
+            step = self.compiled_step(x, rope, mask, cache, layer)
+            if step is not None:
+                return step
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def compiled_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                      cache: KVCache, layer: int) -> torch.Tensor | None:
+        """A decoding step of this layer as one C++ op (`cpu_kernels.decoder_layer_step`: the operations of
+        `forward` in the same order, so the same bits, without their Python overhead), where it applies: CPU
+        inference with fused, kernel-packed projections (`packing.pack_for_cpu`). None otherwise."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
+        if qkv is None or gate_up is None:
+            return None
+        linears = (qkv, attn.o_proj, gate_up, mlp.down_proj)
+        weights = [getattr(m, "weight", None) for m in linears]
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if not (all(w is not None and w.dtype == x.dtype and not w.is_mkldnn for w in weights)
+                and all(getattr(m, "bias", 0) is None for m in linears)
+                and all(n.dtype == x.dtype for n in norms) and self.input_layernorm.eps == self.post_attention_layernorm.eps
+                and attn.head_dim % 16 == 0 and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
+                and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
+                and cache.keys.is_contiguous() and cache.values.is_contiguous() and cache.length < cache.max_len
+                and cpu_kernels.applies(x, *rope, *norms, *weights)):
+            return None
+        return cpu_kernels.decoder_layer_step(x, *norms, self.input_layernorm.eps, *weights, attn.heads, attn.kv_heads,
+                                              mlp.down_proj.in_features, *rope, cache.keys, cache.values, layer,
+                                              cache.length, mask)
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

@@ -30,14 +30,20 @@ class RMSNorm(nn.Module):
         return weight * x
 
 
-def fused_output(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
-    """The outputs of `linears` side by side from one matmul when they are, in order, the parts of one fused
-    layer (`packing.FusedLinear`, made for CPU inference); None otherwise."""
+def fused_of(*linears: nn.Module) -> nn.Module | None:
+    """The fused layer (`packing.FusedLinear`, made for CPU inference) whose parts are `linears`, in order; None
+    when they are not."""
     fused = getattr(linears[0], "fused", None)
     if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
             and [m.start for m in linears] == fused.starts:
-        return fused(x)
+        return fused
     return None
+
+
+def fused_output(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+    """The outputs of `linears` side by side from one matmul when they are the parts of one fused layer."""
+    fused = fused_of(*linears)
+    return None if fused is None else fused(x)
 
 
 def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -137,6 +139,10 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
     for (int64_t c = 0; c < d; c++) store_rounded(out + h * d + c, acc[h * d + c] / total[h]);
 }
 
+}  // namespace
+
+namespace idefics {
+
 // q [B, H, 1, d]; k, v [B, G, L, d] with any strides but a contiguous last dim (views of the cache); mask
 // [B or 1, 1, 1, L], boolean (true = visible) or additive float32, or none. Returns [B, H, 1, d] in q's dtype.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v,
@@ -186,12 +192,12 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const 
   return out;
 }
 
-}  // namespace
+}  // namespace idefics
 
 TORCH_LIBRARY_FRAGMENT(idefics, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) {
-  m.impl("decode_attention", decode_attention);
+  m.impl("decode_attention", idefics::decode_attention);
 }

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <immintrin.h>
 
 #include <cmath>
@@ -126,6 +128,22 @@ void rms_norm_rows(const X* x, const W* w, W* out, int64_t rows, int64_t d, doub
   });
 }
 
+template <typename T>
+void rotate(const T* x, const T* cos, const T* sin, int64_t d, T* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0, n = 0; i < d; i += n) {
+    n = std::min<int64_t>(16, (i < half ? half : d) - i);  // no vector straddles the two halves
+    const __m512 swapped = Vec<T>::load(x + (i < half ? i + half : i - half), n);
+    const __m512 a = Vec<T>::round(_mm512_mul_ps(Vec<T>::load(x + i, n), Vec<T>::load(cos + i, n)));
+    const __m512 b = Vec<T>::round(_mm512_mul_ps(swapped, Vec<T>::load(sin + i, n)));
+    Vec<T>::store(out + i, _mm512_add_ps(a, b), n);
+  }
+}
+
+}  // namespace
+
+namespace idefics {
+
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
   const auto xt = input.scalar_type(), wt = weight.scalar_type();
   auto ok = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; };
@@ -152,18 +170,6 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
     wt == at::kFloat ? run(xb, wf) : run(xb, wb);
   }
   return out;
-}
-
-template <typename T>
-void rotate(const T* x, const T* cos, const T* sin, int64_t d, T* out) {
-  const int64_t half = d / 2;
-  for (int64_t i = 0, n = 0; i < d; i += n) {
-    n = std::min<int64_t>(16, (i < half ? half : d) - i);  // no vector straddles the two halves
-    const __m512 swapped = Vec<T>::load(x + (i < half ? i + half : i - half), n);
-    const __m512 a = Vec<T>::round(_mm512_mul_ps(Vec<T>::load(x + i, n), Vec<T>::load(cos + i, n)));
-    const __m512 b = Vec<T>::round(_mm512_mul_ps(swapped, Vec<T>::load(sin + i, n)));
-    Vec<T>::store(out + i, _mm512_add_ps(a, b), n);
-  }
 }
 
 // q, k, v: [B, T, heads * d] (last dim contiguous; views into one fused projection are fine); cos, sin:
@@ -216,7 +222,7 @@ at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
-}  // namespace
+}  // namespace idefics
 
 TORCH_LIBRARY_FRAGMENT(idefics, m) {
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
@@ -225,6 +231,6 @@ TORCH_LIBRARY_FRAGMENT(idefics, m) {
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("rotary_into_cache", rotary_into_cache);
+  m.impl("rms_norm", idefics::rms_norm);
+  m.impl("rotary_into_cache", idefics::rotary_into_cache);
 }

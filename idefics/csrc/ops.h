@@ -1,0 +1,28 @@
+// The CPU ops of this extension, callable from each other's files (decoder_layer.cpp runs a whole layer on them).
+// Each is registered as torch.ops.idefics.<name>; cpu_kernels.py documents them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace idefics {
+
+// matmul.cpp: y = x W^T (+ b) on a packed weight; chunk <= 0 picks oneDNN's summation blocks (`default_chunk`).
+at::Tensor pack(const at::Tensor& weight);
+at::Tensor unpack(const at::Tensor& packed, int64_t n, int64_t k);
+int64_t default_chunk(at::ScalarType weight, int64_t rows, int64_t k);
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t n, int64_t chunk);
+
+// norm_rope.cpp
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
+at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                             const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t layer,
+                             int64_t start);
+
+// attention.cpp
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask);
+
+}  // namespace idefics

@@ -1,0 +1,106 @@
+"""A decoder layer's decoding step as one C++ op (idefics/csrc/decoder_layer.cpp) gives what the Python layer
+gives, bit for bit: the layer output and the cache it writes, for float32 and bf16, grouped-query heads, masks
+and several rows; a whole model decodes the same tokens and logits with it. Layers that are not packed for
+the CPU kernel, or that need gradients, run the Python code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import idefics
+from idefics import cpu_kernels
+from idefics.generation import GenerationParams, decode
+from idefics.language_model import DecoderLayer
+from idefics.layers import KVCache, RotaryEmbedding
+from idefics.packing import pack_for_cpu
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
+                                reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
+
+
+def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.dtype, seed: int) -> DecoderLayer:
+    holder = nn.Module()  # pack_for_cpu packs the modules under `.model`
+    holder.model = nn.ModuleList([DecoderLayer(dim, hidden, heads, kv_heads, 1e-6)])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in holder.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 else
+                    0.05 * torch.randn(p.shape, generator=gen))
+    return pack_for_cpu(holder.to(dtype)).model[0]
+
+
+def python_step(layer: DecoderLayer, *args) -> torch.Tensor:
+    layer.compiled_step = lambda *a: None  # the Python code of forward
+    try:
+        return layer(*args)
+    finally:
+        del layer.compiled_step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,heads,kv_heads,hidden,rows", [(256, 4, 4, 512, 1), (256, 8, 2, 384, 3),
+                                                            (1024, 16, 16, 2816, 2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_step_bit_identical_to_the_python_layer(dtype, dim, heads, kv_heads, hidden, rows, masked):
+    layer = packed_layer(dim, heads, kv_heads, hidden, dtype, seed=dim + rows)
+    head_dim, past = dim // heads, 11
+    caches = [KVCache(3, rows, kv_heads, 20, head_dim, dtype, "cpu") for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    for cache in caches:
+        cache.keys.copy_(torch.randn(cache.keys.shape, generator=torch.Generator().manual_seed(2)))
+        cache.values.copy_(torch.randn(cache.values.shape, generator=torch.Generator().manual_seed(3)))
+        cache.length = past
+    x = torch.randn(rows, 1, dim, generator=gen).to(dtype)
+    rope = RotaryEmbedding(head_dim)(torch.arange(rows)[:, None] + past, dtype)  # rows at different positions
+    mask = None
+    if masked:
+        mask = torch.ones(rows, 1, 1, past + 1, dtype=torch.bool)
+        mask[0, ..., :4] = False  # left padding of the first row
+    calls = []
+    real = cpu_kernels.decoder_layer_step
+    with torch.inference_mode():
+        cpu_kernels.decoder_layer_step = lambda *a: calls.append(1) or real(*a)
+        try:
+            fused = layer(x, rope, mask, caches[0], 2)
+        finally:
+            cpu_kernels.decoder_layer_step = real
+        plain = python_step(layer, x, rope, mask, caches[1], 2)
+    assert calls and torch.equal(fused, plain)
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+
+
+def test_unpacked_or_training_layers_run_python():
+    layer = DecoderLayer(64, 128, 4, 4, 1e-6)  # plain nn.Linear projections
+    cache = KVCache(1, 1, 4, 4, 16, torch.float32, "cpu")
+    rope = RotaryEmbedding(16)(torch.zeros(1, 1, dtype=torch.long), torch.float32)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        assert layer.compiled_step(x, rope, None, cache, 0) is None
+    packed = packed_layer(64, 4, 4, 128, torch.float32, seed=0)
+    assert packed.compiled_step(x.requires_grad_(True), rope, None, cache, 0) is None  # gradients: no C++ op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, images, dtype, monkeypatch):
+    pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype)
+    inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
+    params = GenerationParams(max_new_tokens=6, stop_token_ids=[])
+
+    def run():
+        seen = []
+        forward = pipe.model.forward
+        monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: seen.append(forward(*a, **k)) or seen[-1])
+        steps = list(decode(pipe.model, inputs, params, pad_token_id=0))
+        monkeypatch.undo()
+        return torch.stack([s.tokens for s in steps], 1), torch.stack([o.logits[:, -1] for o in seen], 1)
+
+    calls = []
+    real = cpu_kernels.decoder_layer_step
+    monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
+    tokens, logits = run()
+    assert len(calls) == 5 * pipe.model.config.num_hidden_layers  # every decoding step of every layer
+    monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
+    plain_tokens, plain_logits = run()
+    assert torch.equal(tokens, plain_tokens) and torch.equal(logits, plain_logits)
