@@ -1,11 +1,15 @@
-"""This project's one compiled piece: a matmul for CPU inference on AVX-512 BF16 (`csrc/matmul.cpp`), with bf16,
-int8 (weight-only, per-row scales) or float32 weights, used by `packing.PackedLinear` and `quantize.Int8Linear`.
-Decoding streams every decoder weight once per token; this kernel reads its own weight layout at close to the
-machine's streaming rate, where oneDNN's prepacked kernels (and `torch._weight_int8pack_mm`) reach much less of
-it; it matches oneDNN's speed on prefill-sized products and gives oneDNN's (and so the reference's) bf16
-results bit for bit. `benchmarks/bench_kernels.py` measures it against them.
+"""This project's compiled CPU ops (`csrc/`, one extension), for inference on AVX-512 BF16:
+- a matmul (`csrc/matmul.cpp`) with bf16, int8 (weight-only, per-row scales) or float32 weights, used by
+  `packing.PackedLinear` and `quantize.Int8Linear`. Decoding streams every decoder weight once per token; this
+  kernel reads its own weight layout at close to the machine's streaming rate, where oneDNN's prepacked kernels
+  (and `torch._weight_int8pack_mm`) reach much less of it; it matches oneDNN's speed on prefill-sized products and
+  gives oneDNN's (and so the reference's) bf16 results bit for bit. `benchmarks/bench_kernels.py` measures it.
+- RMSNorm and rotary embeddings written into the KV cache (`csrc/norm_rope.cpp`), bit-identical to the eager ops;
+  attention of one query over the KV cache as it lies (`csrc/attention.cpp`, float32 arithmetic); and a LLaMA
+  decoder layer's decoding step (`csrc/decoder_layer.cpp`, the Python layer's operations from C++, same bits).
+  `applies()` says when the layers may use them (CPU, float32/bf16, no gradients).
 
-It is compiled on first use with the C++ compiler torch's extension builder finds (~10 s, cached under
+It is compiled on first use with the C++ compiler torch's extension builder finds (~30 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
 lacks AVX-512 BF16 (or has AMX), no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
 and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
@@ -49,7 +53,7 @@ def build(verbose: bool = False) -> None:
 
     if not hasattr(torch.ops.idefics, "linear"):
         if not _cached():
-            print("idefics: compiling the CPU matmul kernel (once per machine, ~10 s)...", file=sys.stderr, flush=True)
+            print("idefics: compiling the CPU kernels (once per machine, ~30 s)...", file=sys.stderr, flush=True)
         load(name="idefics_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
              is_python_module=False, verbose=verbose)
         torch.library.register_fake("idefics::linear")(_linear_shape)
@@ -77,7 +81,7 @@ def available() -> bool:
             try:
                 build()
             except Exception as exc:  # noqa: BLE001 - any build problem means: use oneDNN
-                warnings.warn(f"idefics: the CPU matmul kernel could not be built ({type(exc).__name__}: "
+                warnings.warn(f"idefics: the CPU kernels could not be built ({type(exc).__name__}: "
                               f"{str(exc).strip()[-300:]}); the layers use oneDNN instead", stacklevel=2)
                 ok = False
         _state["ok"] = ok

