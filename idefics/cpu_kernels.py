@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off"]
 _state: dict[str, object] = {}
 

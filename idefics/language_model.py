@@ -75,7 +75,8 @@ class DecoderLayer(nn.Module):
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
         if not (all(w is not None and w.dtype == x.dtype and not w.is_mkldnn for w in weights)
                 and all(getattr(m, "bias", 0) is None for m in linears)
-                and all(n.dtype == x.dtype for n in norms) and self.input_layernorm.eps == self.post_attention_layernorm.eps
+                and all(n.dtype == x.dtype for n in norms)
+                and self.input_layernorm.eps == self.post_attention_layernorm.eps
                 and attn.head_dim % 16 == 0 and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
                 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
                 and cache.keys.is_contiguous() and cache.values.is_contiguous() and cache.length < cache.max_len
