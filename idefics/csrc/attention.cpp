@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "vec.h"
 
 #include <immintrin.h>
 
@@ -29,26 +30,7 @@
 
 namespace {
 
-__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__m512 load16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-float to_float(float v) { return v; }
-float to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-void store_rounded(float* p, float v) { *p = v; }
-void store_rounded(uint16_t* p, float v) {  // round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  *p = std::isnan(v) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+using idefics::vec::Vec;
 
 // exp(x) for x <= 0 (scores minus their maximum), ~1 ulp: 2^n * e^r with |r| <= ln2/2 and a degree-7
 // Taylor polynomial; 0 below -87.3 (where float32 leaves its normal range) and for -inf.
@@ -87,7 +69,7 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
   scores.assign(static_cast<size_t>(heads * length), 0.0f);
   acc.assign(static_cast<size_t>(heads * d), 0.0f);
   std::vector<float> qf(static_cast<size_t>(heads * d));
-  for (int64_t i = 0; i < heads * d; i++) qf[i] = to_float(q[i]);
+  for (int64_t i = 0; i < heads * d; i += 16) Vec<float>::store(qf.data() + i, Vec<T>::load(q + i));
   const float minus_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < length; j++) {  // scores, position by position
     const bool off = hidden != nullptr && hidden[j];
@@ -96,8 +78,8 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
       if (!off) {
         const T* kj = k.at(j, h / group);
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < vectors; c++) sum = _mm512_fmadd_ps(load16(qf.data() + h * d + 16 * c),
-                                                                     load16(kj + 16 * c), sum);
+        for (int64_t c = 0; c < vectors; c++)
+          sum = _mm512_fmadd_ps(Vec<float>::load(qf.data() + h * d + 16 * c), Vec<T>::load(kj + 16 * c), sum);
         s = _mm512_reduce_add_ps(sum) * scale;
         if (add != nullptr) s += add[j];
       }
@@ -112,7 +94,7 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
     __m512 sum = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= length; j += 16) {
-      const __m512 p = exp_nonpositive(_mm512_sub_ps(load16(s + j), _mm512_set1_ps(top)));
+      const __m512 p = exp_nonpositive(_mm512_sub_ps(Vec<float>::load(s + j), _mm512_set1_ps(top)));
       _mm512_storeu_ps(s + j, p);
       sum = _mm512_add_ps(sum, p);
     }
@@ -132,11 +114,13 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
       const T* vj = v.at(j, h / group);
       float* a = acc.data() + h * d;
       for (int64_t c = 0; c < vectors; c++)
-        _mm512_storeu_ps(a + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(vj + 16 * c), load16(a + 16 * c)));
+        Vec<float>::store(a + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(p), Vec<T>::load(vj + 16 * c),
+                                                      Vec<float>::load(a + 16 * c)));
     }
   }
   for (int64_t h = 0; h < heads; h++)
-    for (int64_t c = 0; c < d; c++) store_rounded(out + h * d + c, acc[h * d + c] / total[h]);
+    for (int64_t c = 0; c < d; c += 16)
+      Vec<T>::store(out + h * d + c, _mm512_div_ps(Vec<float>::load(acc.data() + h * d + c), _mm512_set1_ps(total[h])));
 }
 
 }  // namespace
@@ -168,8 +152,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const 
   const at::Tensor q = query.contiguous();
   at::Tensor out = at::empty({b, heads, 1, d}, query.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  auto run = [&](auto* type_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
+  idefics::vec::for_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.data_ptr()); };
     at::parallel_for(0, b, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> scores, acc;
@@ -183,12 +167,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const 
                       reinterpret_cast<T*>(out.data_ptr()) + r * heads * d, scores, acc);
       }
     });
-  };
-  if (t == at::kFloat) {
-    run(static_cast<float*>(nullptr));
-  } else {
-    run(static_cast<uint16_t*>(nullptr));
-  }
+  });
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "vec.h"
 
 #include <immintrin.h>
 
@@ -29,35 +30,7 @@
 
 namespace {
 
-// 16 elements of either dtype as float32 (masked: the first `count`), and back with the dtype's rounding.
-__mmask16 first(int64_t count) { return static_cast<__mmask16>(count >= 16 ? 0xFFFF : (1u << count) - 1u); }
-
-__m512 round_to_bf16(__m512 v) {  // round to nearest even, NaN -> 0x7FC0 (c10::BFloat16), kept as float32
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  return _mm512_castsi512_ps(r);
-}
-
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  static __m512 load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
-  static __m512 round(__m512 v) { return v; }
-  static void store(float* p, __m512 v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
-};
-template <> struct Vec<uint16_t> {
-  static __m512 load(const uint16_t* p, int64_t n) {
-    const __m256i h = _mm256_maskz_loadu_epi16(first(n), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static __m512 round(__m512 v) { return round_to_bf16(v); }
-  static void store(uint16_t* p, __m512 v, int64_t n) {
-    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_to_bf16(v)), 16);
-    _mm256_mask_storeu_epi16(p, first(n), _mm512_cvtepi32_epi16(bits));
-  }
-};
+using idefics::vec::Vec;
 
 int64_t ceil_log2(int64_t x) {
   if (x <= 2) return 1;
@@ -194,8 +167,8 @@ at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at:
   const at::Tensor c = cos.reshape({b, n, d}).contiguous(), s = sin.reshape({b, n, d}).contiguous();
   at::Tensor out = at::empty({b, heads, n, d}, q.options());
   const int64_t cap = keys.size(2);
-  auto run = [&](auto* type_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
+  idefics::vec::for_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<T*>(x.data_ptr()); };
     T *qp = ptr(q), *kp = ptr(k), *vp = ptr(v), *cp = ptr(c), *sp = ptr(s), *op = ptr(out);
     T* kc = ptr(keys) + layer * b * kv * cap * d;
@@ -213,12 +186,7 @@ at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at:
         }
       }
     });
-  };
-  if (t == at::kFloat) {
-    run(static_cast<float*>(nullptr));
-  } else {
-    run(static_cast<uint16_t*>(nullptr));
-  }
+  });
   return out;
 }
 
