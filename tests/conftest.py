@@ -47,3 +47,19 @@ def png_bytes(image: Image.Image) -> bytes:
 @pytest.fixture
 def images():
     return [random_image(i, (40 + 13 * i, 50 - 5 * i)) for i in range(4)]
+
+
+def decode_with_logits(model, inputs, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of processor outputs: the tokens [B, steps] and, in float32, the last position's logits of
+    every forward [B, steps, V] (the prefill's first, then each decoding step's)."""
+    from idefics.generation import GenerationParams, decode
+
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **k: seen.append(forward(*a, **k)) or seen[-1]
+    try:
+        params = GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=[])
+        steps = list(decode(model, inputs, params, pad_token_id=0))
+    finally:
+        del model.forward
+    return torch.stack([s.tokens for s in steps], 1), torch.stack([o.logits[:, -1].float() for o in seen], 1)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import decode_with_logits
 from torch import nn
 
 import idefics
 from idefics import cpu_kernels
-from idefics.generation import GenerationParams, decode
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, RotaryEmbedding
 from idefics.packing import pack_for_cpu
@@ -86,21 +86,11 @@ def test_unpacked_or_training_layers_run_python():
 def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, images, dtype, monkeypatch):
     pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype)
     inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
-    params = GenerationParams(max_new_tokens=6, stop_token_ids=[])
-
-    def run():
-        seen = []
-        forward = pipe.model.forward
-        monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: seen.append(forward(*a, **k)) or seen[-1])
-        steps = list(decode(pipe.model, inputs, params, pad_token_id=0))
-        monkeypatch.undo()
-        return torch.stack([s.tokens for s in steps], 1), torch.stack([o.logits[:, -1] for o in seen], 1)
-
     calls = []
     real = cpu_kernels.decoder_layer_step
     monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
-    tokens, logits = run()
+    tokens, logits = decode_with_logits(pipe.model, inputs, 6)
     assert len(calls) == 5 * pipe.model.config.num_hidden_layers  # every decoding step of every layer
     monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
-    plain_tokens, plain_logits = run()
+    plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
     assert torch.equal(tokens, plain_tokens) and torch.equal(logits, plain_logits)
