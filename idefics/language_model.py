@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention, fused_of, fused_output
+from .layers import (KVCache, RMSNorm, SwiGLU, apply_rotary, attention, attention_kernel_takes, fused_of,
+                     fused_output)
 
 
 class SelfAttention(nn.Module):
@@ -77,14 +78,14 @@ class DecoderLayer(nn.Module):
                 and all(getattr(m, "bias", 0) is None for m in linears)
                 and all(n.dtype == x.dtype for n in norms)
                 and self.input_layernorm.eps == self.post_attention_layernorm.eps
-                and attn.head_dim % 16 == 0 and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
-                and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
-                and cache.keys.is_contiguous() and cache.values.is_contiguous() and cache.length < cache.max_len
+                and attention_kernel_takes(attn.head_dim, mask) and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
+                and cache.keys.is_contiguous() and cache.values.is_contiguous()
                 and cpu_kernels.applies(x, *rope, *norms, *weights)):
             return None
+        start, _ = cache.positions(1)
         return cpu_kernels.decoder_layer_step(x, *norms, self.input_layernorm.eps, *weights, attn.heads, attn.kv_heads,
                                               mlp.down_proj.in_features, *rope, cache.keys, cache.values, layer,
-                                              cache.length, mask)
+                                              start, mask)
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

@@ -112,11 +112,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
+def attention_kernel_takes(head_dim: int, mask: torch.Tensor | None) -> bool:
+    """The shapes `cpu_kernels.decode_attention` handles: head_dim a multiple of 16, a mask shared by the heads."""
+    return head_dim % 16 == 0 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
+
+
 def attention_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """`cpu_kernels.decode_attention` takes these (one query, head_dim a multiple of 16, a mask shared by the
-    heads, one dtype) and can run here."""
-    return (q.shape[-1] % 16 == 0 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
-            and q.dtype == k.dtype == v.dtype and cpu_kernels.applies(q, k, v))
+    """`cpu_kernels.decode_attention` takes these (one query, one dtype, `attention_kernel_takes`) and can run
+    here."""
+    return (attention_kernel_takes(q.shape[-1], mask) and q.dtype == k.dtype == v.dtype
+            and cpu_kernels.applies(q, k, v))
 
 
 class KVCache:
@@ -133,10 +138,15 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
+    def positions(self, n: int) -> tuple[int, int]:
+        """Where n new positions go: [start, end); an error when they do not fit."""
+        start, end = self.length, self.length + n
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        return start, end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.positions(k.shape[2])
         self.keys[layer, :, start:end] = k.transpose(1, 2)
         self.values[layer, :, start:end] = v.transpose(1, 2)
         return self.layer(layer, end)
@@ -154,9 +164,7 @@ class KVCache:
                 == self.keys.dtype and self.keys.is_contiguous() and self.values.is_contiguous()
                 and q.shape[1] > 0):
             return None
-        start, end = self.length, self.length + q.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        start, end = self.positions(q.shape[1])
         q = cpu_kernels.rotary_into_cache(q, k, v, *rope, self.keys, self.values, layer, start)
         return q, *self.layer(layer, end)
 
