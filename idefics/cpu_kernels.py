@@ -134,8 +134,8 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       keys: torch.Tensor, values: torch.Tensor, layer: int, start: int) -> torch.Tensor:
     """`layers.apply_rotary` on q and k plus the KV-cache write, in one op, bit for bit: q, k, v [B, T, heads * d]
     (views of one fused projection are fine), cos/signed_sin as `RotaryEmbedding` returns them; rotated k and v
-    go to positions start.. of `layer` in keys/values [layers, B, kv_heads, max_len, d]; returns rotated q as
-    [B, heads, T, d]."""
+    go to positions start.. of `layer` in the position-major keys/values [layers, B, max_len, kv_heads, d]; returns
+    rotated q as [B, heads, T, d]."""
     return _op("rotary_into_cache")(q, k, v, cos, signed_sin, keys, values, layer, start)
 
 
