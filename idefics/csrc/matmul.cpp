@@ -143,7 +143,10 @@ void row_int8(const float* xf, const int8_t* w, int64_t p0, int64_t p1, const Ep
   __m512 acc[8];
   for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
   for (int64_t p = p0; p < p1; p++, w += kBlockN * 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + 2048), _MM_HINT_T0);
+    // Both cache lines of the step, 8 KiB ahead: the conversions keep the core busy enough that the hardware
+    // prefetcher alone (or one line 2 KiB ahead) left the read at ~70% of the streaming rate; this gets ~98%.
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8192), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8192 + 64), _MM_HINT_T0);
     double pair;
     std::memcpy(&pair, xf + 2 * p, sizeof pair);
     const __m512 xx = _mm512_castpd_ps(_mm512_set1_pd(pair));
