@@ -149,12 +149,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def decoder_layer_step(x: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,
                        qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, heads: int,
                        kv_heads: int, hidden: int, cos: torch.Tensor, signed_sin: torch.Tensor, keys: torch.Tensor,
-                       values: torch.Tensor, layer: int, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+                       values: torch.Tensor, layer: int, start: int, mask: torch.Tensor | None,
+                       scales: tuple[torch.Tensor | None, ...] = (None,) * 4) -> torch.Tensor:
     """One decoding step of a LLaMA decoder layer (csrc/decoder_layer.cpp): x [B, 1, D] → [B, 1, D], the same
     operations as `language_model.DecoderLayer.forward` with fused packed weights, bit for bit; writes the new
-    position (`start`) of `layer` into the position-major cache keys/values."""
+    position (`start`) of `layer` into the position-major cache keys/values. int8 weights come with their
+    per-output `scales` (qkv, o, gate_up, down), x in bf16."""
     return _op("decoder_layer_step")(x, input_norm, post_norm, eps, qkv, o, gate_up, down, heads, kv_heads, hidden,
-                                     cos, signed_sin, keys, values, layer, start, mask)
+                                     cos, signed_sin, keys, values, layer, start, mask, *scales)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,

@@ -66,26 +66,31 @@ class DecoderLayer(nn.Module):
                       cache: KVCache, layer: int) -> torch.Tensor | None:
         """A decoding step of this layer as one C++ op (`cpu_kernels.decoder_layer_step`: the operations of
         `forward` in the same order, so the same bits, without their Python overhead), where it applies: CPU
-        inference with fused, kernel-packed projections (`packing.pack_for_cpu`). None otherwise."""
+        inference with fused, kernel-packed projections (`packing.pack_for_cpu`; int8: `quantize.fuse_int8`). None
+        otherwise."""
         attn, mlp = self.self_attn, self.mlp
         qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
         if qkv is None or gate_up is None:
             return None
         linears = (qkv, attn.o_proj, gate_up, mlp.down_proj)
         weights = [getattr(m, "weight", None) for m in linears]
+        scales = tuple(getattr(m, "scales", None) for m in linears)  # int8 layers (quantize.Int8Linear)
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        if not (all(w is not None and w.dtype == x.dtype and not w.is_mkldnn for w in weights)
-                and all(getattr(m, "bias", 0) is None for m in linears)
+        weight_dtype = torch.int8 if scales[0] is not None else x.dtype
+        if not (all(w is not None and w.dtype == weight_dtype and not w.is_mkldnn and w.dim() == 4 for w in weights)
+                and all(getattr(m, "bias", None) is None for m in linears)
+                and all((s is not None) == (weight_dtype == torch.int8) for s in scales)
+                and (weight_dtype != torch.int8 or x.dtype == torch.bfloat16)
                 and all(n.dtype == x.dtype for n in norms)
                 and self.input_layernorm.eps == self.post_attention_layernorm.eps
                 and attention_kernel_takes(attn.head_dim, mask) and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
-                and cpu_kernels.applies(x, *rope, *norms, *weights)):
+                and cpu_kernels.applies(x, *rope, *norms, *(w for w in weights if w.is_floating_point()))):
             return None
         start, _ = cache.positions(1)
         return cpu_kernels.decoder_layer_step(x, *norms, self.input_layernorm.eps, *weights, attn.heads, attn.kv_heads,
                                               mlp.down_proj.in_features, *rope, cache.keys, cache.values, layer,
-                                              start, mask)
+                                              start, mask, scales)
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

@@ -110,6 +110,16 @@ class FusedLinear(PackedLinear):
         self.sizes = [w.shape[0] for w in weights]
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
+    part_keys = ("weight",)  # what each part saves and loads
+
+    def part_state(self, start: int, rows: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.dense_weight()[start:start + rows]}
+
+    def load_part(self, start: int, rows: int, state: dict[str, torch.Tensor]) -> None:
+        dense = self.dense_weight()
+        dense[start:start + rows] = state["weight"]
+        self.weight = nn.Parameter(self.pack(dense), requires_grad=False)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         pass
 
@@ -121,10 +131,11 @@ class FusedLinear(PackedLinear):
 
 
 class FusedPart(nn.Module):
-    """Rows [start, start + out_features) of a `FusedLinear`: keeps the original layer's name and state-dict key
-    (`weight`) and, called alone, gives that layer's output."""
+    """Rows [start, start + out_features) of a fused layer (`FusedLinear`, `quantize.FusedInt8Linear`): keeps the
+    original layer's name and state-dict keys (`weight`, and `scales` for int8) and, called alone, gives that
+    layer's output."""
 
-    def __init__(self, fused: FusedLinear, start: int, rows: int) -> None:
+    def __init__(self, fused: nn.Module, start: int, rows: int) -> None:
         super().__init__()
         self.__dict__["fused"] = fused  # not a submodule: the parent owns it (and its parameters) once
         self.start, self.out_features, self.in_features = start, rows, fused.in_features
@@ -133,17 +144,18 @@ class FusedPart(nn.Module):
         return self.fused(x)[..., self.start:self.start + self.out_features]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        destination[prefix + "weight"] = self.fused.dense_weight()[self.start:self.start + self.out_features]
+        for key, tensor in self.fused.part_state(self.start, self.out_features).items():
+            destination[prefix + key] = tensor
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        if prefix + "weight" not in state_dict:
+        missing = [prefix + key for key in self.fused.part_keys if prefix + key not in state_dict]
+        if missing:
             if strict:
-                missing_keys.append(prefix + "weight")
+                missing_keys.extend(missing)
             return
-        dense = self.fused.dense_weight()
-        dense[self.start:self.start + self.out_features] = state_dict[prefix + "weight"]
-        self.fused.weight = nn.Parameter(PackedLinear.pack(dense), requires_grad=False)
+        state = {key: state_dict[prefix + key] for key in self.fused.part_keys}
+        self.fused.load_part(self.start, self.out_features, state)
 
     def extra_repr(self) -> str:
         return f"rows {self.start}:{self.start + self.out_features} of the fused layer"
@@ -164,8 +176,9 @@ def fusable_groups(model: nn.Module):
                 yield name, module, names, fused_name
 
 
-def install_fused(module: nn.Module, names: list[str], fused_name: str, weights: list[torch.Tensor]) -> None:
-    fused = FusedLinear(weights)
+def install_fused(module: nn.Module, names: list[str], fused_name: str, fused: nn.Module) -> None:
+    """`fused` (with `starts` and `sizes`: `FusedLinear`, `quantize.FusedInt8Linear`) as `module.<fused_name>`,
+    and a `FusedPart` of it under each of `names`."""
     setattr(module, fused_name, fused)
     for name, start, size in zip(names, fused.starts, fused.sizes):
         setattr(module, name, FusedPart(fused, start, size))
@@ -184,19 +197,25 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
         parts = [getattr(module, n, None) for n in names]
         if all(fusable(p) for p in parts):
             weights = [p.dense_weight() if type(p) is PackedLinear else p.weight for p in parts]
-            install_fused(module, names, fused_name, weights)
+            install_fused(module, names, fused_name, FusedLinear(weights))
     return model
 
 
 @torch.no_grad()
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse_for_cpu` in place: each `FusedPart` becomes a `PackedLinear` of its rows again."""
+    """Undo `fuse_for_cpu` in place: each `FusedPart` becomes a layer of its own rows again (`PackedLinear`, or
+    `quantize.Int8Linear` for a fused int8 layer: its `unfused_part`)."""
     for _, module, names, fused_name in fusable_groups(model):
-        if isinstance(getattr(module, fused_name, None), FusedLinear):
+        fused = getattr(module, fused_name, None)
+        if isinstance(fused, FusedLinear):
             for name in names:
-                part = getattr(module, name)
-                setattr(module, name, PackedLinear(part.state_dict()["weight"], None))
-            delattr(module, fused_name)
+                setattr(module, name, PackedLinear(getattr(module, name).state_dict()["weight"], None))
+        elif hasattr(fused, "unfused_part"):
+            for name in names:
+                setattr(module, name, fused.unfused_part(getattr(module, name).state_dict()))
+        else:
+            continue
+        delattr(module, fused_name)
     return model
 
 
@@ -255,12 +274,17 @@ def pack_converters(model: nn.Module, dtype: torch.dtype, skip: set[str] = froze
 
 class FusedCollector:
     """Gathers the weights of one fusable group as they are read and installs the fused layer with the last
-    one (the checkpoint's float weights are never packed twice). Returns None: nothing to replace per weight."""
+    one (the checkpoint's float weights are never packed twice). Returns None: nothing to replace per weight.
+    `prepare(weight)` turns each weight into what `build(list)` fuses as soon as it arrives (int8: quantized
+    rows, so no float weight of the group waits for the others)."""
 
-    def __init__(self, module: nn.Module, names: list[str], fused_name: str) -> None:
+    def __init__(self, module: nn.Module, names: list[str], fused_name: str, build=FusedLinear,
+                 prepare=lambda w: w) -> None:
         self.module, self.names, self.fused_name, self.pending = module, names, fused_name, {}
+        self.build, self.prepare = build, prepare
 
     def __call__(self, name: str, weight: torch.Tensor) -> None:
-        self.pending[name] = weight
+        self.pending[name] = self.prepare(weight)
         if len(self.pending) == len(self.names):
-            install_fused(self.module, self.names, self.fused_name, [self.pending.pop(n) for n in self.names])
+            fused = self.build([self.pending.pop(n) for n in self.names])
+            install_fused(self.module, self.names, self.fused_name, fused)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .packing import PackedLinear, pack_converters, unfuse
+from .packing import FusedCollector, PackedLinear, fusable_groups, install_fused, pack_converters, unfuse
 
 MODES = ("int8", "int4")
 # Parameter-name prefixes of the quantized parts: IDEFICS decoder + cross-attention, Idefics2's Mistral decoder.
@@ -58,18 +58,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, rows: int = 1024) -> "Int8Linear":
-        """Quantized `rows` output channels at a time, so the float32 temporaries stay small (9B layers are
-        11008 x 4096: converting whole would add ~0.7 GB of temporaries to the peak)."""
-        n, k = weight.shape
-        module = cls(k, n, device="meta")
-        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
-        scales = torch.empty(n, dtype=torch.float32, device=weight.device)
-        for start in range(0, n, rows):
-            w = weight[start:start + rows].detach().float()
-            s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-            q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127)
-            scales[start:start + rows] = s
+    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
+        return cls.from_rows(*quantize_rows(weight))
+
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scales: torch.Tensor) -> "Int8Linear":
+        """The layer of int8 rows q [out, in] with their float32 `scales` [out]."""
+        module = cls(q.shape[1], q.shape[0], device="meta")
         module.weight, module.scales = module.layout(q), scales
         return module
 
@@ -117,6 +112,69 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kernel = ", kernel-packed" if self.packed else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{kernel}"
+
+
+def quantize_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight → (q int8 [out, in], scales float32 [out]), each row on its own (so quantizing
+    stacked weights equals stacking their quantizations). `rows` output channels at a time, so the float32
+    temporaries stay small (9B layers are 11008 x 4096: converting whole would add ~0.7 GB to the peak)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, rows):
+        w = weight[start:start + rows].detach().float()
+        s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scales[start:start + rows] = s
+    return q, scales
+
+
+class FusedInt8Linear(Int8Linear):
+    """Sibling int8 layers that read the same input (q/k/v, gate/up) as one, like `packing.FusedLinear`: their
+    rows stacked (each output row is computed as before, so results are unchanged), one kernel call per step,
+    and the decoder layer's C++ step (`DecoderLayer.compiled_step`) applies. Built from (q, scales) per part;
+    the parts (`packing.FusedPart`) own the state-dict keys (`weight`, `scales`)."""
+
+    part_keys = ("weight", "scales")
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        q = torch.cat([p[0] for p in parts])
+        super().__init__(q.shape[1], q.shape[0], device="meta")
+        self.weight, self.scales = self.layout(q), torch.cat([p[1] for p in parts])
+        self.sizes = [p[0].shape[0] for p in parts]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def part_state(self, start: int, rows: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.int8_weight()[start:start + rows], "scales": self.scales[start:start + rows]}
+
+    def load_part(self, start: int, rows: int, state: dict[str, torch.Tensor]) -> None:
+        q = self.int8_weight().clone()
+        q[start:start + rows] = state["weight"]
+        self.weight = self.layout(q)
+        self.scales[start:start + rows] = state["scales"]
+
+    @staticmethod
+    def unfused_part(state: dict[str, torch.Tensor]) -> Int8Linear:
+        return Int8Linear.from_rows(state["weight"], state["scales"].clone())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        pass
+
+    def _load_from_state_dict(self, *args) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fused {self.sizes}"
+
+
+def fuse_int8(model: nn.Module) -> nn.Module:
+    """In place: every q/k/v or gate/up group whose layers are all kernel-packed `Int8Linear`s becomes one
+    `FusedInt8Linear` (`qkv_proj` / `gate_up_proj`) with `FusedPart`s in their place."""
+    for _, module, names, fused_name in fusable_groups(model):
+        parts = [getattr(module, n, None) for n in names]
+        if all(type(p) is Int8Linear and p.packed for p in parts):
+            install_fused(module, names, fused_name, FusedInt8Linear([(p.int8_weight(), p.scales) for p in parts]))
+    return model
 
 
 class Int4Linear(nn.Module):
@@ -169,6 +227,13 @@ def weight_converters(model: nn.Module, quantize: str | None, pack: bool, dtype:
     if mode is not None:
         for name in target_linears(model):
             out[f"{name}.weight"] = (name, lambda w, m=mode: quantize_weight(w, m))
+    if mode == "int8" and pack and cpu_kernels.available():  # int8 siblings fused, as `fuse_int8` does
+        for name, module, names, fused_name in fusable_groups(model):
+            keys = [f"{name}.{n}.weight" for n in names]
+            if all(key in out for key in keys):
+                collect = FusedCollector(module, names, fused_name, build=FusedInt8Linear, prepare=quantize_rows)
+                for n, key in zip(names, keys):
+                    out[key] = (f"{name}.{n}", lambda w, n=n, c=collect: c(n, w))
     if pack:
         out.update(pack_converters(model, dtype, skip=set(out)))
     return out
@@ -211,6 +276,7 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
     unfuse(model)  # fused projections back to one packed layer each, so each can be quantized
     for name, linear in target_linears(model).items():
         replace_module(model, name, quantize_weight(plain_weight(linear), mode))
+    fuse_int8(model)
     model.quantization = mode
     return model
 

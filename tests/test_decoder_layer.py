@@ -1,6 +1,6 @@
 """A decoder layer's decoding step as one C++ op (idefics/csrc/decoder_layer.cpp) gives what the Python layer
-gives, bit for bit: the layer output and the cache it writes, for float32 and bf16, grouped-query heads, masks
-and several rows; a whole model decodes the same tokens and logits with it. Layers that are not packed for
+gives, bit for bit: the layer output and the cache it writes, for float32, bf16 and int8 weights, grouped-query
+heads, masks and several rows; a whole model decodes the same tokens and logits with it. Layers that are not packed for
 the CPU kernel, or that need gradients, run the Python code."""
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ from idefics import cpu_kernels
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, RotaryEmbedding
 from idefics.packing import pack_for_cpu
+from idefics.quantize import FusedInt8Linear, Int8Linear, fuse_int8, replace_module
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
                                 reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
 
 
-def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.dtype, seed: int) -> DecoderLayer:
+def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.dtype, seed: int,
+                 int8: bool = False) -> DecoderLayer:
+    """A random layer packed as `idefics.load` packs it; `int8`: its projections quantized and fused as
+    `quantize_model` does."""
     holder = nn.Module()  # pack_for_cpu packs the modules under `.model`
     holder.model = nn.ModuleList([DecoderLayer(dim, hidden, heads, kv_heads, 1e-6)])
     gen = torch.Generator().manual_seed(seed)
@@ -28,7 +32,13 @@ def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.
         for name, p in holder.named_parameters():
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 else
                     0.05 * torch.randn(p.shape, generator=gen))
-    return pack_for_cpu(holder.to(dtype)).model[0]
+    holder = holder.to(dtype)
+    if int8:
+        for name, module in list(holder.named_modules()):
+            if isinstance(module, nn.Linear):
+                replace_module(holder, name, Int8Linear.from_weight(module.weight))
+        return fuse_int8(holder).model[0]
+    return pack_for_cpu(holder).model[0]
 
 
 def python_step(layer: DecoderLayer, *args) -> torch.Tensor:
@@ -39,12 +49,15 @@ def python_step(layer: DecoderLayer, *args) -> torch.Tensor:
         del layer.compiled_step
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
 @pytest.mark.parametrize("dim,heads,kv_heads,hidden,rows", [(256, 4, 4, 512, 1), (256, 8, 2, 384, 3),
                                                             (1024, 16, 16, 2816, 2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_step_bit_identical_to_the_python_layer(dtype, dim, heads, kv_heads, hidden, rows, masked):
-    layer = packed_layer(dim, heads, kv_heads, hidden, dtype, seed=dim + rows)
+    int8 = dtype == "int8"  # int8 weights, bf16 activations
+    dtype = torch.bfloat16 if int8 else dtype
+    layer = packed_layer(dim, heads, kv_heads, hidden, dtype, seed=dim + rows, int8=int8)
+    assert int8 == isinstance(layer.self_attn.qkv_proj, FusedInt8Linear)
     head_dim, past = dim // heads, 11
     caches = [KVCache(3, rows, kv_heads, 20, head_dim, dtype, "cpu") for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
@@ -82,9 +95,9 @@ def test_unpacked_or_training_layers_run_python():
     assert packed.compiled_step(x.requires_grad_(True), rope, None, cache, 0) is None  # gradients: no C++ op
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, images, dtype, monkeypatch):
-    pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype)
+@pytest.mark.parametrize("dtype,quantize", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
+def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, images, dtype, quantize, monkeypatch):
+    pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype, quantize=quantize)
     inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
     calls = []
     real = cpu_kernels.decoder_layer_step

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import idefics
+from idefics import cpu_kernels
 from idefics.checkpoint import load_model, save_model
 from idefics.layers import DecoupledLinear, attention
 from idefics.layers import run_together
@@ -68,13 +69,20 @@ def test_fused_linears_give_each_part_and_keep_its_state_dict(dtype):
 
 
 def test_quantizing_a_fused_model_unfuses_first(folder):
-    from idefics.quantize import Int8Linear, quantize_model
+    """The float fused layers are split, each part quantized; where the kernel runs, the int8 siblings are fused
+    again (`FusedInt8Linear`), keeping each part's keys and values."""
+    from idefics.quantize import FusedInt8Linear, Int8Linear, quantize_model
 
     model = quantize_model(load_model(folder, pack=True), "int8")
     attn = model.model.layers[0].self_attn
-    assert not any(isinstance(m, (FusedLinear, FusedPart)) for m in model.modules())
-    assert isinstance(attn.q_proj, Int8Linear) and not hasattr(attn, "qkv_proj")
-    assert model.state_dict().keys() == quantize_model(load_model(folder), "int8").state_dict().keys()
+    assert not any(isinstance(m, FusedLinear) for m in model.modules())
+    if cpu_kernels.available():
+        assert isinstance(attn.qkv_proj, FusedInt8Linear) and isinstance(attn.q_proj, FusedPart)
+    else:
+        assert isinstance(attn.q_proj, Int8Linear) and not hasattr(attn, "qkv_proj")
+    fused, plain = model.state_dict(), quantize_model(load_model(folder), "int8").state_dict()
+    assert fused.keys() == plain.keys() and "model.layers.0.self_attn.q_proj.scales" in fused
+    assert all(torch.equal(fused[key], plain[key]) for key in fused)
 
 
 def test_attention_single_query_bf16_runs_in_float32():

@@ -11,7 +11,11 @@ from torch import nn
 import idefics
 from idefics.checkpoint import load_model
 from idefics.cli import build_parser
-from idefics.quantize import Int4Linear, Int8Linear, quantize_model, quantized_bytes, target_linears
+from idefics import cpu_kernels
+from idefics.layers import SwiGLU, run_together
+from idefics.packing import FusedPart, unfuse
+from idefics.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, quantize_model, quantize_rows,
+                              quantized_bytes, target_linears)
 
 
 def int4_dequantized(module: Int4Linear, weight: torch.Tensor) -> torch.Tensor:
@@ -39,6 +43,37 @@ def test_int8_kernel_equals_dequantized_weight(dtype):
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
     # per-row rounding error is at most half a step
     assert ((layer.dequantized() - weight).abs() <= layer.scales[:, None] / 2 + 1e-7).all()
+
+
+def test_fused_int8_gives_each_part_and_keeps_its_state_dict():
+    """q/k/v (or gate/up) int8 layers stacked in one: each part's output bit for bit (rows are quantized and
+    computed on their own), each part's `weight`/`scales` keys, loading into one part, and unfusing back."""
+    torch.manual_seed(3)
+    weights = [torch.randn(n, 128) / 8 for n in (64, 32, 32)]
+    alone = [Int8Linear.from_weight(w) for w in weights]
+    holder = nn.Module()
+    holder.block = SwiGLU(128, 64)  # a fusable block: gate_proj, up_proj
+    holder.block.gate_proj, holder.block.up_proj = alone[0], Int8Linear.from_weight(weights[0][:64])
+    fused = FusedInt8Linear([quantize_rows(w) for w in weights])
+    parts = [FusedPart(fused, start, size) for start, size in zip(fused.starts, fused.sizes)]
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer, part, out in zip(alone, parts, run_together(x, *parts)):
+            assert torch.equal(out, layer(x)) and torch.equal(part(x), layer(x))
+    for layer, part in zip(alone, parts):
+        assert part.state_dict().keys() == {"weight", "scales"}
+        assert all(torch.equal(part.state_dict()[k], layer.state_dict()[k]) for k in ("weight", "scales"))
+    parts[1].load_state_dict(alone[2].state_dict())
+    assert torch.equal(parts[1](x), alone[2](x)) and torch.equal(parts[0](x), alone[0](x))
+    with pytest.raises(RuntimeError, match="scales"):
+        parts[2].load_state_dict({"weight": alone[2].state_dict()["weight"]})
+    if cpu_kernels.available():  # fuse_int8 fuses packed layers only
+        before = {k: v.clone() for k, v in holder.state_dict().items()}
+        fuse_int8(holder)
+        assert isinstance(holder.block.gate_up_proj, FusedInt8Linear)
+        unfuse(holder)
+        assert type(holder.block.gate_proj) is Int8Linear and not hasattr(holder.block, "gate_up_proj")
+        assert all(torch.equal(v, before[k]) for k, v in holder.state_dict().items())
 
 
 def test_int4_kernel_equals_dequantized_weight():
@@ -81,9 +116,12 @@ def test_quantized_model_is_close_to_float_model(folder, images, mode, tolerance
 
 
 def test_quantize_while_loading_equals_quantize_after(folder, images):
-    streamed = load_model(folder, dtype="bfloat16", quantize="int8")
+    streamed = load_model(folder, dtype="bfloat16", quantize="int8", pack=True)  # as idefics.load loads
     after = quantize_model(load_model(folder, dtype="bfloat16"), "int8")
     assert streamed.quantization == "int8"
+    fused = cpu_kernels.available()  # int8 q/k/v and gate/up fused while loading, as quantize_model fuses them
+    assert isinstance(getattr(streamed.model.layers[0].self_attn, "qkv_proj", None), FusedInt8Linear) == fused
+    assert isinstance(getattr(streamed.model.layers[0].mlp, "gate_up_proj", None), FusedInt8Linear) == fused
     a, b = streamed.state_dict(), after.state_dict()
     assert a.keys() == b.keys()
     for key in a:

@@ -14,28 +14,32 @@ namespace idefics {
 
 // x [B, 1, D] -> the layer's output [B, 1, D]; `keys`/`values` the position-major cache [layers, B, max_len,
 // kv_heads, d] whose positions [0, start) are filled; cos/sin the rotary tables of the new position; mask
-// [B or 1, 1, 1, start + 1] boolean or none. Weights as `packing.FusedLinear` / `PackedLinear` hold them.
+// [B or 1, 1, 1, start + 1] boolean or none. Weights as `packing.FusedLinear` / `PackedLinear` hold them, or int8
+// ones as `quantize.FusedInt8Linear` / `Int8Linear` do, with their per-output scales (x bf16).
 at::Tensor decoder_layer_step(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
                               double eps, const at::Tensor& qkv, const at::Tensor& o, const at::Tensor& gate_up,
                               const at::Tensor& down, int64_t heads, int64_t kv_heads, int64_t hidden,
                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
-                              int64_t layer, int64_t start, const std::optional<at::Tensor>& mask) {
+                              int64_t layer, int64_t start, const std::optional<at::Tensor>& mask,
+                              const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& o_scale,
+                              const std::optional<at::Tensor>& gate_up_scale,
+                              const std::optional<at::Tensor>& down_scale) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && keys.dim() == 5, "idefics decoder step: x must be [B, 1, D] and "
               "the cache [layers, B, max_len, kv_heads, d], got ", x.sizes(), " and ", keys.sizes());
   const int64_t b = x.size(0), dim = x.size(2), d = keys.size(4);
   // self-attention: norm, q/k/v in one matmul, rotary + cache write, attention over the cache, output projection
-  const at::Tensor projected = linear(rms_norm(x, input_norm, eps), qkv, std::nullopt, std::nullopt,
+  const at::Tensor projected = linear(rms_norm(x, input_norm, eps), qkv, qkv_scale, std::nullopt,
                                       (heads + 2 * kv_heads) * d, 0);
   const auto parts = projected.split_with_sizes({heads * d, kv_heads * d, kv_heads * d}, -1);
   const at::Tensor q = rotary_into_cache(parts[0], parts[1], parts[2], cos, sin, keys, values, layer, start);
   const at::Tensor k = keys.select(0, layer).slice(1, 0, start + 1).transpose(1, 2);
   const at::Tensor v = values.select(0, layer).slice(1, 0, start + 1).transpose(1, 2);
   const at::Tensor attended = decode_attention(q, k, v, mask).transpose(1, 2).reshape({b, 1, heads * d});
-  const at::Tensor h = x + linear(attended, o, std::nullopt, std::nullopt, dim, 0);
+  const at::Tensor h = x + linear(attended, o, o_scale, std::nullopt, dim, 0);
   // SwiGLU MLP: gate and up in one matmul
-  const at::Tensor gu = linear(rms_norm(h, post_norm, eps), gate_up, std::nullopt, std::nullopt, 2 * hidden, 0);
+  const at::Tensor gu = linear(rms_norm(h, post_norm, eps), gate_up, gate_up_scale, std::nullopt, 2 * hidden, 0);
   const auto gate = gu.split_with_sizes({hidden, hidden}, -1);
-  return h + linear(at::silu(gate[0]) * gate[1], down, std::nullopt, std::nullopt, dim, 0);
+  return h + linear(at::silu(gate[0]) * gate[1], down, down_scale, std::nullopt, dim, 0);
 }
 
 }  // namespace idefics
@@ -43,7 +47,8 @@ at::Tensor decoder_layer_step(const at::Tensor& x, const at::Tensor& input_norm,
 TORCH_LIBRARY_FRAGMENT(idefics, m) {
   m.def("decoder_layer_step(Tensor x, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv, Tensor o, "
         "Tensor gate_up, Tensor down, int heads, int kv_heads, int hidden, Tensor cos, Tensor sin, Tensor(a!) keys, "
-        "Tensor(b!) values, int layer, int start, Tensor? mask) -> Tensor");
+        "Tensor(b!) values, int layer, int start, Tensor? mask, Tensor? qkv_scale, Tensor? o_scale, "
+        "Tensor? gate_up_scale, Tensor? down_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) {
