@@ -5,8 +5,9 @@
   (and `torch._weight_int8pack_mm`) reach much less of it; it matches oneDNN's speed on prefill-sized products and
   gives oneDNN's (and so the reference's) bf16 results bit for bit. `benchmarks/bench_kernels.py` measures it.
 - RMSNorm and rotary embeddings written into the KV cache (`csrc/norm_rope.cpp`), bit-identical to the eager ops;
-  attention of one query over the KV cache as it lies (`csrc/attention.cpp`, float32 arithmetic); and a LLaMA
-  decoder layer's decoding step (`csrc/decoder_layer.cpp`, the Python layer's operations from C++, same bits).
+  attention of one query over the KV cache as it lies (`csrc/attention.cpp`, float32 arithmetic); and the decoding
+  steps of a LLaMA decoder layer and of a gated cross-attention layer (`csrc/decoder_layer.cpp`, the Python
+  layers' operations from C++, same bits).
   `applies()` says when the layers may use them (CPU, float32/bf16, no gradients).
 
 It is compiled on first use with the C++ compiler torch's extension builder finds (~30 s, cached under
@@ -157,6 +158,19 @@ def decoder_layer_step(x: torch.Tensor, input_norm: torch.Tensor, post_norm: tor
     per-output `scales` (qkv, o, gate_up, down), x in bf16."""
     return _op("decoder_layer_step")(x, input_norm, post_norm, eps, qkv, o, gate_up, down, heads, kv_heads, hidden,
                                      cos, signed_sin, keys, values, layer, start, mask, *scales)
+
+
+def gated_cross_attention_step(x: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,
+                               q: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, heads: int,
+                               hidden: int, q_norm: torch.Tensor | None, q_norm_eps: float, k: torch.Tensor | None,
+                               v: torch.Tensor | None, mask: torch.Tensor | None, gate: torch.Tensor | None,
+                               alpha_attn: torch.Tensor, alpha_dense: torch.Tensor,
+                               scales: tuple[torch.Tensor | None, ...] = (None,) * 4) -> torch.Tensor:
+    """One decoding step of a gated cross-attention layer (csrc/decoder_layer.cpp): x [B, 1, D] → [B, 1, D], the
+    operations of `cross_attention.GatedCrossAttentionLayer.forward` with packed weights, bit for bit; k/v the image
+    keys/values [B, heads, L, d] (None: no row sees an image), mask additive [B, 1, 1, L], gate [B, 1]."""
+    return _op("gated_cross_attention_step")(x, input_norm, post_norm, eps, q, o, gate_up, down, heads, hidden, q_norm,
+                                             q_norm_eps, k, v, mask, gate, alpha_attn, alpha_dense, *scales)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import RMSNorm, SwiGLU, attention
+from . import cpu_kernels
+from .layers import RMSNorm, SwiGLU, attention, attention_kernel_takes, fused_of, kernel_weights
 
 
 class CrossAttention(nn.Module):
@@ -61,11 +62,40 @@ class GatedCrossAttentionLayer(nn.Module):
                 gate: torch.Tensor | None) -> torch.Tensor:
         """`mask`: additive [B, 1, T, L]; `gate`: [B, T], 1 where the token sees an image.
         `kv` None means no token sees an image: the attention output is zero for all of them."""
+        if x.shape[1] == 1:
+            step = self.compiled_step(x, kv, mask, gate)
+            if step is not None:
+                return step
         if kv is not None:
             attn = self.cross_attn(self.input_layernorm(x), kv, mask)
             attn = attn.masked_fill((gate == 0)[:, :, None], 0.0)
             x = x + torch.tanh(self.alpha_cross_attn) * attn
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
+
+    def compiled_step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                      gate: torch.Tensor | None) -> torch.Tensor | None:
+        """One position per row as one C++ op (`cpu_kernels.gated_cross_attention_step`: the operations of
+        `forward` in the same order, so the same bits), where it applies: CPU inference with kernel-packed
+        projections (float or int8) and the single-query attention kernel. None otherwise."""
+        attn, mlp = self.cross_attn, self.mlp
+        gate_up = fused_of(mlp.gate_proj, mlp.up_proj)
+        packed = None if gate_up is None else kernel_weights(x, (attn.q_proj, attn.o_proj, gate_up, mlp.down_proj))
+        q_norm = attn.q_layer_norm if attn.qk_norms else None
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight, self.alpha_cross_attn,
+                 self.alpha_dense] + ([q_norm.weight] if q_norm is not None else [])
+        if not (packed is not None and all(n.dtype == x.dtype for n in norms)
+                and self.input_layernorm.eps == self.post_attention_layernorm.eps and x.shape[-1] >= 8
+                and (kv is None or (attn.head_dim >= 8 and gate is not None
+                                    and attention_kernel_takes(attn.head_dim, mask)
+                                    and kv[0].dtype == kv[1].dtype == x.dtype and cpu_kernels.applies(*kv)))
+                and cpu_kernels.applies(*norms)):
+            return None
+        weights, scales = packed
+        k, v = kv if kv is not None else (None, None)
+        return cpu_kernels.gated_cross_attention_step(
+            x, self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, *weights,
+            attn.heads, mlp.down_proj.in_features, None if q_norm is None else q_norm.weight,
+            0.0 if q_norm is None else q_norm.eps, k, v, mask, gate, self.alpha_cross_attn, self.alpha_dense, scales)
 
 
 def init_alpha(shape: tuple[int, ...], how: str, std: float) -> torch.Tensor:

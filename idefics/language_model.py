@@ -9,7 +9,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .layers import (KVCache, RMSNorm, SwiGLU, apply_rotary, attention, attention_kernel_takes, fused_of,
-                     fused_output)
+                     fused_output, kernel_weights)
 
 
 class SelfAttention(nn.Module):
@@ -72,21 +72,15 @@ class DecoderLayer(nn.Module):
         qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
         if qkv is None or gate_up is None:
             return None
-        linears = (qkv, attn.o_proj, gate_up, mlp.down_proj)
-        weights = [getattr(m, "weight", None) for m in linears]
-        scales = tuple(getattr(m, "scales", None) for m in linears)  # int8 layers (quantize.Int8Linear)
+        packed = kernel_weights(x, (qkv, attn.o_proj, gate_up, mlp.down_proj))
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        weight_dtype = torch.int8 if scales[0] is not None else x.dtype
-        if not (all(w is not None and w.dtype == weight_dtype and not w.is_mkldnn and w.dim() == 4 for w in weights)
-                and all(getattr(m, "bias", None) is None for m in linears)
-                and all((s is not None) == (weight_dtype == torch.int8) for s in scales)
-                and (weight_dtype != torch.int8 or x.dtype == torch.bfloat16)
-                and all(n.dtype == x.dtype for n in norms)
+        if not (packed is not None and all(n.dtype == x.dtype for n in norms)
                 and self.input_layernorm.eps == self.post_attention_layernorm.eps
                 and attention_kernel_takes(attn.head_dim, mask) and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
-                and cpu_kernels.applies(x, *rope, *norms, *(w for w in weights if w.is_floating_point()))):
+                and cpu_kernels.applies(*rope, *norms)):
             return None
+        weights, scales = packed
         start, _ = cache.positions(1)
         return cpu_kernels.decoder_layer_step(x, *norms, self.input_layernorm.eps, *weights, attn.heads, attn.kv_heads,
                                               mlp.down_proj.in_features, *rope, cache.keys, cache.values, layer,

@@ -1,7 +1,8 @@
-"""A decoder layer's decoding step as one C++ op (idefics/csrc/decoder_layer.cpp) gives what the Python layer
-gives, bit for bit: the layer output and the cache it writes, for float32, bf16 and int8 weights, grouped-query
-heads, masks and several rows; a whole model decodes the same tokens and logits with it. Layers that are not packed for
-the CPU kernel, or that need gradients, run the Python code."""
+"""A decoder layer's and a gated cross-attention layer's decoding step as one C++ op each
+(idefics/csrc/decoder_layer.cpp) give what the Python layers give, bit for bit: the layer output and the cache it
+writes, for float32, bf16 and int8 weights, grouped-query heads, masks, rows that see no image and several rows; a
+whole model decodes the same tokens and logits with them. Layers that are not packed for the CPU kernel, or that
+need gradients, run the Python code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import idefics
 from idefics import cpu_kernels
+from idefics.cross_attention import GatedCrossAttentionLayer, image_mask_to_additive
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, RotaryEmbedding
 from idefics.packing import pack_for_cpu
@@ -84,6 +86,60 @@ def test_step_bit_identical_to_the_python_layer(dtype, dim, heads, kv_heads, hid
     assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
 
 
+def packed_cross_layer(dim: int, heads: int, hidden: int, image_dim: int, qk_norms: bool, dtype: torch.dtype | str,
+                       seed: int) -> GatedCrossAttentionLayer:
+    """A random gated cross-attention layer (non-zero gates) packed as `idefics.load` packs it, or int8."""
+    holder = nn.Module()
+    holder.model = nn.ModuleList([GatedCrossAttentionLayer(dim, hidden, image_dim, heads, qk_norms, 1e-6)])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in holder.named_parameters():
+            p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 else
+                    0.05 * torch.randn(p.shape, generator=gen))
+    holder = holder.to(torch.bfloat16 if dtype == "int8" else dtype)
+    if dtype == "int8":
+        for name, module in list(holder.named_modules()):
+            if isinstance(module, nn.Linear):
+                replace_module(holder, name, Int8Linear.from_weight(module.weight))
+        return fuse_int8(holder).model[0]
+    return pack_for_cpu(holder).model[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("qk_norms", [False, True])
+@pytest.mark.parametrize("sees_images", ["all", "some", "none"])
+def test_cross_attention_step_bit_identical_to_the_python_layer(dtype, qk_norms, sees_images):
+    layer = packed_cross_layer(256, 4, 384, 96, qk_norms, dtype, seed=7)
+    x_dtype = torch.bfloat16 if dtype == "int8" else dtype
+    rows, images, latents = 3, 2, 5
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, 1, 256, generator=gen).to(x_dtype)
+    kv = mask = gate = None
+    if sees_images != "none":
+        with torch.inference_mode():
+            kv = layer.cross_attn.project_images(torch.randn(rows, images * latents, 96, generator=gen).to(x_dtype))
+        seen = torch.ones(rows, 1, images, dtype=torch.long)
+        if sees_images == "some":
+            seen[0, 0, 1] = 0  # row 0 sees its first image only, row 2 none
+            seen[2] = 0
+        mask, gate = image_mask_to_additive(seen, latents, x_dtype)
+    calls = []
+    real = cpu_kernels.gated_cross_attention_step
+    with torch.inference_mode():
+        cpu_kernels.gated_cross_attention_step = lambda *a: calls.append(1) or real(*a)
+        try:
+            fused = layer(x, kv, mask, gate)
+        finally:
+            cpu_kernels.gated_cross_attention_step = real
+        layer.compiled_step = lambda *a: None  # the Python code of forward
+        try:
+            plain = layer(x, kv, mask, gate)
+        finally:
+            del layer.compiled_step
+    assert calls and torch.equal(fused, plain)
+    assert not torch.equal(fused, x)  # the gates are open: the layer changed x
+
+
 def test_unpacked_or_training_layers_run_python():
     layer = DecoderLayer(64, 128, 4, 4, 1e-6)  # plain nn.Linear projections
     cache = KVCache(1, 1, 4, 4, 16, torch.float32, "cpu")
@@ -99,11 +155,14 @@ def test_unpacked_or_training_layers_run_python():
 def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, images, dtype, quantize, monkeypatch):
     pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype, quantize=quantize)
     inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
-    calls = []
-    real = cpu_kernels.decoder_layer_step
+    calls, cross_calls = [], []
+    real, real_cross = cpu_kernels.decoder_layer_step, cpu_kernels.gated_cross_attention_step
     monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernels, "gated_cross_attention_step", lambda *a: cross_calls.append(1) or real_cross(*a))
     tokens, logits = decode_with_logits(pipe.model, inputs, 6)
     assert len(calls) == 5 * pipe.model.config.num_hidden_layers  # every decoding step of every layer
+    assert len(cross_calls) == 5 * len(pipe.model.model.gated_cross_attn_layers)
     monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
+    monkeypatch.setattr(GatedCrossAttentionLayer, "compiled_step", lambda *a: None)
     plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
     assert torch.equal(tokens, plain_tokens) and torch.equal(logits, plain_logits)
