@@ -12,6 +12,7 @@ from conftest import decode_with_logits
 
 import idefics
 from idefics import cpu_kernels, layers
+from idefics.cross_attention import GatedCrossAttentionLayer
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, attention
 
@@ -78,11 +79,15 @@ def test_decoding_steps_match_the_sdpa_path(reference_checkpoint, images, dtype,
     calls = []
     real = cpu_kernels.decode_attention
     monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    # the layers' Python code (the C++ steps call the kernel from C++; tests/test_decoder_layer.py pins them to it)
+    monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
+    monkeypatch.setattr(GatedCrossAttentionLayer, "compiled_step", lambda *a: None)
     tokens, logits = decode_with_logits(pipe.model, inputs, 6)
-    assert calls  # self- and cross-attention of every step
+    layer_count = pipe.model.config.num_hidden_layers + len(pipe.model.model.gated_cross_attn_layers)
+    assert len(calls) == 5 * layer_count  # self- and cross-attention of every step
     monkeypatch.setattr(layers, "attention_kernel_applies", lambda *a: False)
-    monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)  # it calls the kernel from C++
     plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
+    assert len(calls) == 5 * layer_count  # none more
     assert torch.equal(tokens, plain_tokens)
     tolerance = 1e-5 if dtype == "float32" else 0.05
     torch.testing.assert_close(logits[:, 1:], plain_logits[:, 1:], rtol=tolerance, atol=tolerance)  # the steps
