@@ -95,7 +95,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def count(module) -> int:
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+    """Parameters, each quantized layer counted by the weights it stands for (its int8/int4 values are buffers)."""
+    if module is None:
+        return 0
+    from .quantize import Int4Linear, Int8Linear
+
+    quantized = sum(m.in_features * m.out_features for m in module.modules()
+                    if isinstance(m, (Int8Linear, Int4Linear)))
+    return sum(p.numel() for p in module.parameters()) + quantized
 
 
 def describe_idefics(config, inner) -> list[str]:

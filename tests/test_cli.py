@@ -32,11 +32,20 @@ def test_info_and_errors(reference_checkpoint, tmp_path):
     from idefics import cpu_kernels  # every linear layer of the loaded (packed) model on one named kernel
     kernel = "idefics AVX-512 BF16 kernel" if cpu_kernels.available() else "oneDNN (prepacked)"
     assert f"matmul kernels: {kernel} x" in info.stdout
+    quantized = run("info", "--model", str(folder), "--quantize", "int8")  # int8 weights count as weights
+    assert quantized.returncode == 0, quantized.stderr
+    assert parameter_lines(quantized.stdout) == parameter_lines(info.stdout)
     missing = run("generate", "--model", str(folder), f"image:{tmp_path / 'nope.png'}", "hi")
     assert missing.returncode != 0 and "image file not found" in missing.stderr
     bad_model = run("info", "--model", str(tmp_path))
     assert bad_model.returncode == 2 and "no config.json" in bad_model.stderr
     assert "image:" in run("generate", "--help").stdout
+
+
+def parameter_lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index("parameters:")
+    return lines[start:start + next(i for i, line in enumerate(lines[start:]) if "total" in line) + 1]
 
 
 def test_info_describes_idefics2(tmp_path):
