@@ -57,7 +57,18 @@ struct Rows {
   const T* base;
   int64_t pos, head;
   const T* at(int64_t j, int64_t g) const { return base + j * pos + g * head; }
+  // Position j's rows of every kv head towards L1: the cache is cold in a decoding step (the step's weights have
+  // streamed through the caches since this layer last read it), and the hardware prefetcher alone left the
+  // passes at ~15-25 GB/s, against ~35-44 GB/s when the same rows are warm. 4 positions ahead: 6-12% faster cold
+  // (paired, 200-1500 positions, 1-8 rows; 2 ahead about half of that, 8 the same).
+  void prefetch(int64_t j, int64_t kv_heads, int64_t d) const {
+    for (int64_t g = 0; g < kv_heads; g++)
+      for (int64_t byte = 0; byte < d * static_cast<int64_t>(sizeof(T)); byte += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(at(j, g)) + byte, _MM_HINT_T0);
+  }
 };
+
+constexpr int64_t kPrefetchPositions = 4;  // how far ahead the passes over positions fetch
 
 // One batch row: q [heads, d] -> out [heads, d]. `hidden` (boolean mask, true = not attended) or `add`
 // (additive mask) has one value per position, or is null.
@@ -72,6 +83,7 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
   for (int64_t i = 0; i < heads * d; i += 16) Vec<float>::store(qf.data() + i, Vec<T>::load(q + i));
   const float minus_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < length; j++) {  // scores, position by position
+    if (j + kPrefetchPositions < length) k.prefetch(j + kPrefetchPositions, kv_heads, d);
     const bool off = hidden != nullptr && hidden[j];
     for (int64_t h = 0; h < heads; h++) {
       float s = minus_inf;
@@ -108,6 +120,7 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_head
     total[h] = _mm512_reduce_add_ps(sum);
   }
   for (int64_t j = 0; j < length; j++) {  // weighted values, position by position
+    if (j + kPrefetchPositions < length) v.prefetch(j + kPrefetchPositions, kv_heads, d);
     for (int64_t h = 0; h < heads; h++) {
       const float p = scores[h * length + j];
       if (p == 0.0f) continue;
