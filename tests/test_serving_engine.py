@@ -194,3 +194,21 @@ def test_model_without_cross_attention_batches_too(tmp_path_factory):
     for i, (prompt, (_, events)) in enumerate(zip(requests, jobs)):
         expected = pipe2.generate_detailed([prompt], max_new_tokens=6 + 2 * i, stop_token_ids=[])[0].token_ids
         assert drain(events)[0] == expected
+
+
+def test_int8_model_batches_as_it_runs_alone(reference_checkpoint):
+    """bf16 activations on int8 weights (fused q/k/v and gate/up, both C++ layer steps where the kernel runs):
+    requests that join and leave a batch get the tokens they get alone."""
+    int8 = idefics.load(reference_checkpoint("small_instruct")[0], dtype="bfloat16", quantize="int8")
+    engine = Engine(int8, max_batch_size=4)
+    jobs = [job_for(int8, p, max_new_tokens=5 + 2 * i, stop_token_ids=[]) for i, p in enumerate(prompts())]
+    engine.submit(jobs[0][0])
+    engine.iterate()
+    engine.submit(jobs[1][0])
+    engine.iterate()
+    for job, _ in jobs[2:]:
+        engine.submit(job)
+    run_until_idle(engine)
+    for i, (prompt, (_, events)) in enumerate(zip(prompts(), jobs)):
+        expected = int8.generate_detailed([prompt], max_new_tokens=5 + 2 * i, stop_token_ids=[])[0].token_ids
+        assert drain(events)[0] == expected, i
