@@ -98,27 +98,16 @@ class PackedOutput(PackedLinear):
         return logits if self.additional_fc is None else torch.cat([logits, self.additional_fc(x)], dim=-1)
 
 
-class FusedLinear(PackedLinear):
-    """Several bias-free packed linears that read the same input (q/k/v, gate/up), run as one matmul whose
-    output is their outputs side by side: one kernel call and one pass over a longer weight instead of several
-    (measured 8% faster matrix-vector products on this machine). Each output row is computed as before, so
-    results are unchanged. The original layers stay in the module tree as `FusedPart`s that own the state-dict
-    keys: this module saves and loads nothing itself."""
+class FusedRows:
+    """What the fused layers (`FusedLinear`, `quantize.FusedInt8Linear`) share: the row ranges of their parts, and
+    no state-dict entries of their own. The parts (`FusedPart`) own the original keys: each saves and loads its
+    rows through `part_keys` / `part_state` / `load_part`, and `unfused_part(state)` rebuilds it as a layer alone."""
 
-    def __init__(self, weights: list[torch.Tensor]) -> None:
-        super().__init__(torch.cat(weights), None)
-        self.sizes = [w.shape[0] for w in weights]
+    part_keys: tuple[str, ...] = ("weight",)
+
+    def set_parts(self, sizes: list[int]) -> None:
+        self.sizes = list(sizes)
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-
-    part_keys = ("weight",)  # what each part saves and loads
-
-    def part_state(self, start: int, rows: int) -> dict[str, torch.Tensor]:
-        return {"weight": self.dense_weight()[start:start + rows]}
-
-    def load_part(self, start: int, rows: int, state: dict[str, torch.Tensor]) -> None:
-        dense = self.dense_weight()
-        dense[start:start + rows] = state["weight"]
-        self.weight = nn.Parameter(self.pack(dense), requires_grad=False)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         pass
@@ -128,6 +117,30 @@ class FusedLinear(PackedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fused {self.sizes}"
+
+
+class FusedLinear(FusedRows, PackedLinear):
+    """Several bias-free packed linears that read the same input (q/k/v, gate/up), run as one matmul whose
+    output is their outputs side by side: one kernel call and one pass over a longer weight instead of several
+    (measured 8% faster matrix-vector products on this machine). Each output row is computed as before, so
+    results are unchanged. The original layers stay in the module tree as `FusedPart`s that own the state-dict
+    keys: this module saves and loads nothing itself."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__(torch.cat(weights), None)
+        self.set_parts([w.shape[0] for w in weights])
+
+    def part_state(self, start: int, rows: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.dense_weight()[start:start + rows]}
+
+    def load_part(self, start: int, rows: int, state: dict[str, torch.Tensor]) -> None:
+        dense = self.dense_weight()
+        dense[start:start + rows] = state["weight"]
+        self.weight = nn.Parameter(self.pack(dense), requires_grad=False)
+
+    @staticmethod
+    def unfused_part(state: dict[str, torch.Tensor]) -> PackedLinear:
+        return PackedLinear(state["weight"], None)
 
 
 class FusedPart(nn.Module):
@@ -203,19 +216,14 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def unfuse(model: nn.Module) -> nn.Module:
-    """Undo `fuse_for_cpu` in place: each `FusedPart` becomes a layer of its own rows again (`PackedLinear`, or
-    `quantize.Int8Linear` for a fused int8 layer: its `unfused_part`)."""
+    """Undo `fuse_for_cpu` (and `quantize.fuse_int8`) in place: each `FusedPart` becomes a layer of its own rows
+    again (`PackedLinear`, or `quantize.Int8Linear`)."""
     for _, module, names, fused_name in fusable_groups(model):
         fused = getattr(module, fused_name, None)
-        if isinstance(fused, FusedLinear):
-            for name in names:
-                setattr(module, name, PackedLinear(getattr(module, name).state_dict()["weight"], None))
-        elif hasattr(fused, "unfused_part"):
+        if isinstance(fused, FusedRows):
             for name in names:
                 setattr(module, name, fused.unfused_part(getattr(module, name).state_dict()))
-        else:
-            continue
-        delattr(module, fused_name)
+            delattr(module, fused_name)
     return model
 
 

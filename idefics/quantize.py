@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .packing import FusedCollector, PackedLinear, fusable_groups, install_fused, pack_converters, unfuse
+from .packing import (FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused, pack_converters,
+                      unfuse)
 
 MODES = ("int8", "int4")
 # Parameter-name prefixes of the quantized parts: IDEFICS decoder + cross-attention, Idefics2's Mistral decoder.
@@ -129,7 +130,7 @@ def quantize_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor,
     return q, scales
 
 
-class FusedInt8Linear(Int8Linear):
+class FusedInt8Linear(FusedRows, Int8Linear):
     """Sibling int8 layers that read the same input (q/k/v, gate/up) as one, like `packing.FusedLinear`: their
     rows stacked (each output row is computed as before, so results are unchanged), one kernel call per step,
     and the decoder layer's C++ step (`DecoderLayer.compiled_step`) applies. Built from (q, scales) per part;
@@ -141,8 +142,7 @@ class FusedInt8Linear(Int8Linear):
         q = torch.cat([p[0] for p in parts])
         super().__init__(q.shape[1], q.shape[0], device="meta")
         self.weight, self.scales = self.layout(q), torch.cat([p[1] for p in parts])
-        self.sizes = [p[0].shape[0] for p in parts]
-        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.set_parts([p[0].shape[0] for p in parts])
 
     def part_state(self, start: int, rows: int) -> dict[str, torch.Tensor]:
         return {"weight": self.int8_weight()[start:start + rows], "scales": self.scales[start:start + rows]}
@@ -156,15 +156,6 @@ class FusedInt8Linear(Int8Linear):
     @staticmethod
     def unfused_part(state: dict[str, torch.Tensor]) -> Int8Linear:
         return Int8Linear.from_rows(state["weight"], state["scales"].clone())
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        pass
-
-    def _load_from_state_dict(self, *args) -> None:
-        pass
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", fused {self.sizes}"
 
 
 def fuse_int8(model: nn.Module) -> nn.Module:
