@@ -79,16 +79,15 @@ class GatedCrossAttentionLayer(nn.Module):
         projections (float or int8) and the single-query attention kernel. None otherwise."""
         attn, mlp = self.cross_attn, self.mlp
         gate_up = fused_of(mlp.gate_proj, mlp.up_proj)
-        packed = None if gate_up is None else kernel_weights(x, (attn.q_proj, attn.o_proj, gate_up, mlp.down_proj))
         q_norm = attn.q_layer_norm if attn.qk_norms else None
-        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight, self.alpha_cross_attn,
-                 self.alpha_dense] + ([q_norm.weight] if q_norm is not None else [])
-        if not (packed is not None and all(n.dtype == x.dtype for n in norms)
-                and self.input_layernorm.eps == self.post_attention_layernorm.eps and x.shape[-1] >= 8
-                and (kv is None or (attn.head_dim >= 8 and gate is not None
-                                    and attention_kernel_takes(attn.head_dim, mask)
-                                    and kv[0].dtype == kv[1].dtype == x.dtype and cpu_kernels.applies(*kv)))
-                and cpu_kernels.applies(*norms)):
+        others = [self.alpha_cross_attn, self.alpha_dense] + ([q_norm.weight] if q_norm is not None else [])
+        if kv is not None:
+            others += kv
+        linears = (attn.q_proj, attn.o_proj, gate_up, mlp.down_proj)
+        packed = None if gate_up is None else kernel_weights(x, linears, self.input_layernorm,
+                                                             self.post_attention_layernorm, *others)
+        if packed is None or (kv is not None and not (attn.head_dim >= 8 and gate is not None
+                                                      and attention_kernel_takes(attn.head_dim, mask))):
             return None
         weights, scales = packed
         k, v = kv if kv is not None else (None, None)

@@ -72,19 +72,16 @@ class DecoderLayer(nn.Module):
         qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
         if qkv is None or gate_up is None:
             return None
-        packed = kernel_weights(x, (qkv, attn.o_proj, gate_up, mlp.down_proj))
-        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        if not (packed is not None and all(n.dtype == x.dtype for n in norms)
-                and self.input_layernorm.eps == self.post_attention_layernorm.eps
-                and attention_kernel_takes(attn.head_dim, mask) and x.shape[-1] >= 8 and cache.keys.dtype == x.dtype
-                and cache.keys.is_contiguous() and cache.values.is_contiguous()
-                and cpu_kernels.applies(*rope, *norms)):
+        norm, post_norm = self.input_layernorm, self.post_attention_layernorm
+        packed = kernel_weights(x, (qkv, attn.o_proj, gate_up, mlp.down_proj), norm, post_norm, *rope, cache.keys)
+        if not (packed is not None and attention_kernel_takes(attn.head_dim, mask)
+                and cache.keys.is_contiguous() and cache.values.is_contiguous()):
             return None
         weights, scales = packed
         start, _ = cache.positions(1)
-        return cpu_kernels.decoder_layer_step(x, *norms, self.input_layernorm.eps, *weights, attn.heads, attn.kv_heads,
-                                              mlp.down_proj.in_features, *rope, cache.keys, cache.values, layer,
-                                              start, mask, scales)
+        return cpu_kernels.decoder_layer_step(x, norm.weight, post_norm.weight, norm.eps, *weights, attn.heads,
+                                              attn.kv_heads, mlp.down_proj.in_features, *rope, cache.keys,
+                                              cache.values, layer, start, mask, scales)
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

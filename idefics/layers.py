@@ -124,20 +124,23 @@ def attention_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             and cpu_kernels.applies(q, k, v))
 
 
-def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...]
-                   ) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]] | None:
-    """The weights and int8 scales of `linears` as the C++ layer steps take them (`cpu_kernels.decoder_layer_step`,
-    `gated_cross_attention_step`): all kernel-packed in x's dtype without bias (`packing`), or all kernel-packed
-    int8 (`quantize.Int8Linear`, `FusedInt8Linear`) with x in bf16. None when they are not, or the kernels do not
-    apply to x."""
+def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: RMSNorm, post_norm: RMSNorm,
+                   *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]] | None:
+    """The weights and int8 scales of a layer's `linears` as its C++ decoding step takes them
+    (`cpu_kernels.decoder_layer_step`, `gated_cross_attention_step`), or None when the step does not apply: the
+    linears all kernel-packed in x's dtype without bias (`packing`), or all kernel-packed int8 (`quantize.Int8Linear`,
+    `FusedInt8Linear`) with x in bf16; the two norms (one eps, at least 8 features) and `others` in x's dtype; the
+    kernels available for all of it."""
     weights = [getattr(m, "weight", None) for m in linears]
     scales = tuple(getattr(m, "scales", None) for m in linears)
     int8 = scales[0] is not None
     weight_dtype = torch.int8 if int8 else x.dtype
+    tensors = (input_norm.weight, post_norm.weight, *others)
     if (all(w is not None and w.dtype == weight_dtype and not w.is_mkldnn and w.dim() == 4 for w in weights)
             and all(getattr(m, "bias", None) is None and (s is not None) == int8 for m, s in zip(linears, scales))
             and (not int8 or x.dtype == torch.bfloat16)
-            and cpu_kernels.applies(x, *(w for w in weights if w.is_floating_point()))):
+            and input_norm.eps == post_norm.eps and x.shape[-1] >= 8 and all(t.dtype == x.dtype for t in tensors)
+            and cpu_kernels.applies(x, *tensors, *(w for w in weights if w.is_floating_point()))):
         return weights, scales
     return None
 
