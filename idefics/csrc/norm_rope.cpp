@@ -6,7 +6,7 @@
 // copies) whose dispatch costs far more than the arithmetic. Together they were ~15% of a step.
 //
 // Arithmetic: the exact operations of the eager code in the same order, so results are bit-identical to it
-// (tests/test_cpu_kernels.py compares them on random data, every shape class):
+// (tests/test_cpu_norm_rope.py compares them on random data, every shape class):
 // * rms_norm: x in float32, s = sum(x*x) summed in the order of ATen's CPU sum kernel (8-lane vectors, four
 //   interleaved accumulators, cascade levels: `aten_row_sum`), var = s / D, r = 1 / sqrt(var + eps),
 //   y = x * r; for a bf16 weight y is rounded to bf16 and multiplied by the weight in float32, then rounded.
@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #include <algorithm>
 
@@ -128,20 +127,14 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(wt));  // float32 weight: a float32 result
   const int64_t rows = d == 0 ? 0 : x.numel() / d;
-  auto run = [&](auto xp, auto wp) {
-    using Xs = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    using Ws = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
-    rms_norm_rows<Xs, Ws>(xp, wp, reinterpret_cast<Ws*>(out.data_ptr()), rows, d, eps);
-  };
-  const auto* xf = reinterpret_cast<const float*>(x.data_ptr());
-  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const auto* wf = reinterpret_cast<const float*>(w.data_ptr());
-  const auto* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  if (xt == at::kFloat) {
-    wt == at::kFloat ? run(xf, wf) : run(xf, wb);
-  } else {
-    wt == at::kFloat ? run(xb, wf) : run(xb, wb);
-  }
+  idefics::vec::for_dtype(xt, [&](auto x_tag) {
+    idefics::vec::for_dtype(wt, [&](auto w_tag) {
+      using X = decltype(x_tag);
+      using W = decltype(w_tag);
+      rms_norm_rows<X, W>(reinterpret_cast<const X*>(x.data_ptr()), reinterpret_cast<const W*>(w.data_ptr()),
+                          reinterpret_cast<W*>(out.data_ptr()), rows, d, eps);
+    });
+  });
   return out;
 }
 
