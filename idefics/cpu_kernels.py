@@ -28,7 +28,11 @@ import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off"]
+# -fopenmp: `at::parallel_for` is inlined from ATen's headers, and without it the pragma is dropped and every op
+# runs on one thread whatever `torch.set_num_threads` says. Linking -fopenmp records libgomp.so.1, the soname of the
+# libgomp torch ships and has already loaded, so the process keeps a single OpenMP runtime (one thread pool).
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 _state: dict[str, object] = {}
 
 
@@ -56,7 +60,7 @@ def build(verbose: bool = False) -> None:
     if not hasattr(torch.ops.idefics, "linear"):
         if not _cached():
             print("idefics: compiling the CPU kernels (once per machine, ~30 s)...", file=sys.stderr, flush=True)
-        load(name="idefics_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
+        load(name="idefics_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=LDFLAGS,
              is_python_module=False, verbose=verbose)
         torch.library.register_fake("idefics::linear")(_linear_shape)
 
@@ -95,6 +99,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     input features side by side), [ceil(N/64), K, 64, 1] for float32."""
     build()
     return torch.ops.idefics.pack(weight.detach())
+
+
+def parallel_threads() -> int:
+    """Threads the compiled ops actually run on (torch's thread count; 1 if the build lacks OpenMP)."""
+    build()
+    return int(torch.ops.idefics.parallel_threads(64))
 
 
 def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

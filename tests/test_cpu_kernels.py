@@ -31,6 +31,18 @@ def test_kernel_builds_here():
     assert cpu_kernels.available()
 
 
+def test_ops_run_on_torchs_threads():
+    """The ops' `at::parallel_for` must use torch's threads: built without OpenMP it silently ran on one
+    (sessions 4-6 measured everything at 1 thread and did not notice)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert cpu_kernels.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 2, 96), (2, 130, 33), (5, 65, 200),
                                    (6, 128, 128), (7, 100, 1000), (13, 64, 8195), (128, 192, 257)])
 @pytest.mark.parametrize("bias", [False, True])

@@ -335,12 +335,24 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
   return out;
 }
 
+// How many threads `at::parallel_for` runs `tasks` tasks on here: torch's thread count when the build has OpenMP,
+// 1 when it was compiled without it (the pragma in ATen's inlined header is then dropped). `setup.sh` prints it.
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<char> seen(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace idefics
 
 TORCH_LIBRARY(idefics, m) {
   m.def("pack(Tensor weight) -> Tensor");
   m.def("unpack(Tensor packed, int n, int k) -> Tensor");
   m.def("linear(Tensor input, Tensor packed, Tensor? scale, Tensor? bias, int n, int chunk) -> Tensor");
+  m.def("parallel_threads(int tasks) -> int", &idefics::parallel_threads);  // no tensors: one kernel for all
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) {
