@@ -56,6 +56,24 @@ def test_matches_float32_sdpa(dtype, b, h, kv, length, d, mask_kind):
         assert bool(((out.float() - want).abs() <= 2.0 ** (exponent - 7) * 1.01).all())
 
 
+@pytest.mark.parametrize("b,h,kv", [(1, 16, 16), (3, 8, 2), (5, 4, 1), (2, 6, 3)])
+def test_same_bits_on_any_number_of_threads(b, h, kv):
+    """Threads split the (row, kv head) pairs, mid-row too: every head's arithmetic stays the same."""
+    gen = torch.Generator().manual_seed(b * 100 + kv)
+    q = torch.randn(b, h, 1, 32, generator=gen).bfloat16()
+    k, v = cache_views(b, kv, 70, 32, torch.bfloat16, gen)
+    visible = torch.rand(b, 1, 1, 70, generator=gen) > 0.3
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(cpu_kernels.decode_attention(q, k, v, visible))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1].float(), sdpa32(q, k, v, visible), rtol=1e-2, atol=1e-2)
+
+
 def test_attention_uses_the_kernel_for_single_queries_only(monkeypatch):
     calls = []
     real = cpu_kernels.decode_attention

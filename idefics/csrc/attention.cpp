@@ -70,13 +70,18 @@ struct Rows {
 
 constexpr int64_t kPrefetchPositions = 4;  // how far ahead the passes over positions fetch
 
-// One batch row: q [heads, d] -> out [heads, d]. `hidden` (boolean mask, true = not attended) or `add`
-// (additive mask) has one value per position, or is null.
+// One batch row, the query heads of kv heads [g0, g1) (`group` query heads each): q and out point at the first
+// of those heads, [heads, d] with heads = (g1 - g0) * group. Each head's arithmetic is the same whichever range
+// it is computed in, so splitting a row's heads across threads changes no bit. `hidden` (boolean mask, true =
+// not attended) or `add` (additive mask) has one value per position, or is null.
 template <typename T>
-void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t heads, int64_t kv_heads, int64_t length, int64_t d,
-                const bool* hidden, const float* add, float scale, T* out, std::vector<float>& scores,
+void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t g0, int64_t g1, int64_t group, int64_t length,
+                int64_t d, const bool* hidden, const float* add, float scale, T* out, std::vector<float>& scores,
                 std::vector<float>& acc) {
-  const int64_t group = heads / kv_heads, vectors = d / 16;
+  const int64_t heads = (g1 - g0) * group, vectors = d / 16;
+  k.base += g0 * k.head;  // kv head g0 is this range's head 0
+  v.base += g0 * v.head;
+  const int64_t kv_heads = g1 - g0;
   scores.assign(static_cast<size_t>(heads * length), 0.0f);
   acc.assign(static_cast<size_t>(heads * d), 0.0f);
   std::vector<float> qf(static_cast<size_t>(heads * d));
@@ -165,19 +170,24 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k, const 
   const at::Tensor q = query.contiguous();
   at::Tensor out = at::empty({b, heads, 1, d}, query.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t group = heads / kv;  // query heads per kv head
   idefics::vec::for_dtype(t, [&](auto tag) {
     using T = decltype(tag);
     auto ptr = [](const at::Tensor& x) { return reinterpret_cast<const T*>(x.data_ptr()); };
-    at::parallel_for(0, b, 1, [&](int64_t r0, int64_t r1) {
+    // Tasks are (row, kv head): one row alone (batch 1) still runs on every thread.
+    at::parallel_for(0, b * kv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores, acc;
-      for (int64_t r = r0; r < r1; r++) {
+      for (int64_t t = t0; t < t1;) {
+        const int64_t r = t / kv, g0 = t % kv, g1 = std::min(kv, g0 + (t1 - t));
         const int64_t mr = m.defined() && m.size(0) == b ? r : 0;
         const bool* hidden = m.defined() && m.scalar_type() == at::kBool ? m.data_ptr<bool>() + mr * length : nullptr;
         const float* add = m.defined() && m.scalar_type() == at::kFloat ? m.data_ptr<float>() + mr * length : nullptr;
         const Rows<T> kr{ptr(k) + r * k.stride(0), k.stride(2), k.stride(1)};
         const Rows<T> vr{ptr(v) + r * v.stride(0), v.stride(2), v.stride(1)};
-        attend_row<T>(ptr(q) + r * heads * d, kr, vr, heads, kv, length, d, hidden, add, scale,
-                      reinterpret_cast<T*>(out.data_ptr()) + r * heads * d, scores, acc);
+        const int64_t first = (r * heads + g0 * group) * d;  // the range's first head in q and out
+        attend_row<T>(ptr(q) + first, kr, vr, g0, g1, group, length, d, hidden, add, scale,
+                      reinterpret_cast<T*>(out.data_ptr()) + first, scores, acc);
+        t += g1 - g0;
       }
     });
   });
