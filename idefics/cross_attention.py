@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .layers import RMSNorm, SwiGLU, attention, attention_kernel_takes, fused_of, kernel_weights
+from .layers import RMSNorm, SwiGLU, attention, attention_kernel_takes, fused_of, kernel_weights, step_plan
 
 
 class CrossAttention(nn.Module):
@@ -59,11 +59,12 @@ class GatedCrossAttentionLayer(nn.Module):
         self.alpha_dense = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                gate: torch.Tensor | None) -> torch.Tensor:
+                gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor:
         """`mask`: additive [B, 1, T, L]; `gate`: [B, T], 1 where the token sees an image.
-        `kv` None means no token sees an image: the attention output is zero for all of them."""
+        `kv` None means no token sees an image: the attention output is zero for all of them. `plans`: a
+        generation's `KVCache.step_plans` (the decoding step's checks are done once)."""
         if x.shape[1] == 1:
-            step = self.compiled_step(x, kv, mask, gate)
+            step = self.compiled_step(x, kv, mask, gate, plans)
             if step is not None:
                 return step
         if kv is not None:
@@ -73,10 +74,21 @@ class GatedCrossAttentionLayer(nn.Module):
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
 
     def compiled_step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                      gate: torch.Tensor | None) -> torch.Tensor | None:
+                      gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor | None:
         """One position per row as one C++ op (`cpu_kernels.gated_cross_attention_step`: the operations of
         `forward` in the same order, so the same bits), where it applies: CPU inference with kernel-packed
         projections (float or int8) and the single-query attention kernel. None otherwise."""
+        attn = self.cross_attn
+        plan = step_plan(plans, (self, kv is None), x, lambda: self._step_arguments(x, kv))
+        if plan is None or (kv is not None and not (gate is not None and attention_kernel_takes(attn.head_dim, mask))):
+            return None
+        head, tail = plan
+        k, v = kv if kv is not None else (None, None)
+        return cpu_kernels.gated_cross_attention_step(x, *head, k, v, mask, gate, *tail)
+
+    def _step_arguments(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
+        """`gated_cross_attention_step`'s arguments before the image keys and after the gate (alphas, int8 scales);
+        None: no C++ step."""
         attn, mlp = self.cross_attn, self.mlp
         gate_up = fused_of(mlp.gate_proj, mlp.up_proj)
         q_norm = attn.q_layer_norm if attn.qk_norms else None
@@ -86,15 +98,13 @@ class GatedCrossAttentionLayer(nn.Module):
         linears = (attn.q_proj, attn.o_proj, gate_up, mlp.down_proj)
         packed = None if gate_up is None else kernel_weights(x, linears, self.input_layernorm,
                                                              self.post_attention_layernorm, *others)
-        if packed is None or (kv is not None and not (attn.head_dim >= 8 and gate is not None
-                                                      and attention_kernel_takes(attn.head_dim, mask))):
+        if packed is None or (kv is not None and attn.head_dim < 8):
             return None
         weights, scales = packed
-        k, v = kv if kv is not None else (None, None)
-        return cpu_kernels.gated_cross_attention_step(
-            x, self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, *weights,
-            attn.heads, mlp.down_proj.in_features, None if q_norm is None else q_norm.weight,
-            0.0 if q_norm is None else q_norm.eps, k, v, mask, gate, self.alpha_cross_attn, self.alpha_dense, scales)
+        head = (self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, *weights,
+                attn.heads, mlp.down_proj.in_features, None if q_norm is None else q_norm.weight,
+                0.0 if q_norm is None else q_norm.eps)
+        return head, (self.alpha_cross_attn, self.alpha_dense, scales)
 
 
 def init_alpha(shape: tuple[int, ...], how: str, std: float) -> torch.Tensor:

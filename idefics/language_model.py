@@ -9,7 +9,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .layers import (KVCache, RMSNorm, SwiGLU, apply_rotary, attention, attention_kernel_takes, fused_of,
-                     fused_output, kernel_weights)
+                     fused_output, kernel_weights, step_plan)
 
 
 class SelfAttention(nn.Module):
@@ -68,20 +68,27 @@ class DecoderLayer(nn.Module):
         `forward` in the same order, so the same bits, without their Python overhead), where it applies: CPU
         inference with fused, kernel-packed projections (`packing.pack_for_cpu`; int8: `quantize.fuse_int8`). None
         otherwise."""
+        plan = step_plan(cache.step_plans, self, x, lambda: self._step_arguments(x, rope, cache))
+        if plan is None or not (attention_kernel_takes(self.self_attn.head_dim, mask)
+                                and cache.keys.is_contiguous() and cache.values.is_contiguous()):
+            return None
+        head, scales = plan
+        start, _ = cache.positions(1)
+        return cpu_kernels.decoder_layer_step(x, *head, *rope, cache.keys, cache.values, layer, start, mask, scales)
+
+    def _step_arguments(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache):
+        """`decoder_layer_step`'s arguments before the rotary tables, and the int8 scales; None: no C++ step."""
         attn, mlp = self.self_attn, self.mlp
         qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
         if qkv is None or gate_up is None:
             return None
         norm, post_norm = self.input_layernorm, self.post_attention_layernorm
         packed = kernel_weights(x, (qkv, attn.o_proj, gate_up, mlp.down_proj), norm, post_norm, *rope, cache.keys)
-        if not (packed is not None and attention_kernel_takes(attn.head_dim, mask)
-                and cache.keys.is_contiguous() and cache.values.is_contiguous()):
+        if packed is None:
             return None
         weights, scales = packed
-        start, _ = cache.positions(1)
-        return cpu_kernels.decoder_layer_step(x, norm.weight, post_norm.weight, norm.eps, *weights, attn.heads,
-                                              attn.kv_heads, mlp.down_proj.in_features, *rope, cache.keys,
-                                              cache.values, layer, start, mask, scales)
+        return (norm.weight, post_norm.weight, norm.eps, *weights, attn.heads, attn.kv_heads,
+                mlp.down_proj.in_features), scales
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

@@ -142,7 +142,8 @@ class IdeficsModel(nn.Module):
             if i % interval == 0:
                 gated = self.gated_cross_attn_layers[i // interval]
                 args = (x, cross_kv[i // interval], xmask, gate)
-                x = checkpoint(gated, *args, use_reentrant=False) if self._checkpointing() else gated(*args)
+                x = checkpoint(gated, *args, use_reentrant=False) if self._checkpointing() else \
+                    gated(*args, kv_cache.step_plans if kv_cache is not None else None)
             if self._checkpointing():
                 x = checkpoint(layer, x, rope, mask, None, i, use_reentrant=False)
             else:

@@ -12,7 +12,7 @@ from conftest import decode_with_logits
 from torch import nn
 
 import idefics
-from idefics import cpu_kernels
+from idefics import cpu_kernels, cross_attention, language_model
 from idefics.cross_attention import GatedCrossAttentionLayer, image_mask_to_additive
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, RotaryEmbedding
@@ -159,9 +159,14 @@ def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, ima
     real, real_cross = cpu_kernels.decoder_layer_step, cpu_kernels.gated_cross_attention_step
     monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(cpu_kernels, "gated_cross_attention_step", lambda *a: cross_calls.append(1) or real_cross(*a))
+    checks = []  # the weight checks run once per layer and generation (`layers.step_plan`), not every step
+    for module in (language_model, cross_attention):
+        real_check = module.kernel_weights
+        monkeypatch.setattr(module, "kernel_weights", lambda *a, f=real_check: checks.append(1) or f(*a))
     tokens, logits = decode_with_logits(pipe.model, inputs, 6)
     assert len(calls) == 5 * pipe.model.config.num_hidden_layers  # every decoding step of every layer
     assert len(cross_calls) == 5 * len(pipe.model.model.gated_cross_attn_layers)
+    assert len(checks) == pipe.model.config.num_hidden_layers + len(pipe.model.model.gated_cross_attn_layers)
     monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
     monkeypatch.setattr(GatedCrossAttentionLayer, "compiled_step", lambda *a: None)
     plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
