@@ -176,8 +176,9 @@ def matmul_kernels(model) -> str:
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
     used = ", ".join(f"{name} x{count}" for name, count in kinds.items()) or "none"
-    why = "" if cpu_kernels.available() else " (this project's kernel is not used here: no AVX-512 BF16, or off)"
-    return used + why
+    if cpu_kernels.available():
+        return f"{used} (compiled ops on {cpu_kernels.parallel_threads()} threads)"
+    return used + " (this project's kernel is not used here: no AVX-512 BF16, or off)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def test_info_and_errors(reference_checkpoint, tmp_path):
     from idefics import cpu_kernels  # every linear layer of the loaded (packed) model on one named kernel
     kernel = "idefics AVX-512 BF16 kernel" if cpu_kernels.available() else "oneDNN (prepacked)"
     assert f"matmul kernels: {kernel} x" in info.stdout
+    assert not cpu_kernels.available() or re.search(r"compiled ops on [1-9]\d* threads", info.stdout)
     quantized = run("info", "--model", str(folder), "--quantize", "int8")  # int8 weights count as weights
     assert quantized.returncode == 0, quantized.stderr
     assert parameter_lines(quantized.stdout) == parameter_lines(info.stdout)
