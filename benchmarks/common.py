@@ -157,10 +157,22 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: median time to sum a float32 buffer much larger than the caches."""
+def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7, kernel: bool = False) -> float:
+    """Read bandwidth in bytes/s: median time to sum a float32 buffer much larger than the caches. With `kernel`,
+    the faster of that and this project's one-row bf16 matmul over a weight of the same size (at 2 threads
+    ATen's `sum` reads slower than the memory allows: 44 GB/s while 9B int8 decoding read ~60), so a bound made
+    from it is the fastest read seen on this machine, not one our own decoding could beat."""
     x = torch.ones(size_bytes // 4)
-    return size_bytes / median_seconds(x.sum, repeats)
+    best = size_bytes / median_seconds(x.sum, repeats)
+    del x
+    from idefics import cpu_kernels
+
+    if kernel and cpu_kernels.available():
+        rows = size_bytes // (2 * 1024)
+        packed = cpu_kernels.pack(torch.ones(rows, 1024, dtype=torch.bfloat16))
+        v = torch.ones(1, 1024, dtype=torch.bfloat16)
+        best = max(best, size_bytes / median_seconds(lambda: cpu_kernels.linear(v, packed, None, rows), repeats))
+    return best
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
