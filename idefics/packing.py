@@ -230,33 +230,45 @@ def unfuse(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def pack_for_cpu(model: nn.Module) -> nn.Module:
     """In place: fuse sibling projections (`fuse_for_cpu`), then replace every other float Linear of
-    `model.model` (vision, perceiver, decoder, cross-attention) by a `PackedLinear`, and IDEFICS' output layer
-    by a `PackedOutput` unless it shares the embedding. For inference on CPU; modules on other devices are left
+    `model.model` (vision, perceiver, decoder, cross-attention) by a `PackedLinear`, and the output layer
+    (`packed_output`) unless it shares the embedding. For inference on CPU; modules on other devices are left
     alone."""
-    from .layers import DecoupledLinear
-
     fuse_for_cpu(model)  # from the plain weights: each is packed once
     inner = getattr(model, "model", model)
     for name, module in list(inner.named_modules()):
         if PackedLinear.supports(module):
             parent, _, leaf = name.rpartition(".")
             setattr(inner.get_submodule(parent), leaf, PackedLinear(module.weight, module.bias))
-    head = getattr(model, "lm_head", None)
+    head, build = getattr(model, "lm_head", None), packed_output(model)
     embed = getattr(inner, "embed_tokens", None)
-    if (type(head) is DecoupledLinear and head.weight is not getattr(embed, "weight", None)
+    if (build is not None and head.weight is not getattr(embed, "weight", None)
             and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()):
-        model.lm_head = PackedOutput(head.weight, head.additional_fc)
+        model.lm_head = build(head.weight)
     return model
+
+
+def packed_output(model: nn.Module):
+    """weight → packed output layer for `model.lm_head`, or None: IDEFICS' `DecoupledLinear` becomes a
+    `PackedOutput`, a plain bias-free Linear (Idefics2's) a `PackedLinear`; one tied to the embedding stays as it is
+    (packing would store the weight twice)."""
+    from .layers import DecoupledLinear
+
+    head = getattr(model, "lm_head", None)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    if type(head) is DecoupledLinear:
+        return lambda w, fc=head.additional_fc: PackedOutput(w, fc)
+    if type(head) is nn.Linear and head.bias is None:
+        return lambda w: PackedLinear(w, None)
+    return None
 
 
 def pack_converters(model: nn.Module, dtype: torch.dtype, skip: set[str] = frozenset()) -> dict:
     """For loading: weight name → (module name, build(weight) → module or None) for every Linear of `model.model`
     not in `skip` (packed), its sibling projections (fused: their builders collect the group and install the
-    fused layer with its last weight, returning None) and an untied IDEFICS output layer. Biases arrive
+    fused layer with its last weight, returning None) and an untied output layer (`packed_output`). Biases arrive
     afterwards through the state dict (a meta placeholder marks that the layer has one)."""
-    from .layers import DecoupledLinear
-
     if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return {}
     out = {}
@@ -274,9 +286,9 @@ def pack_converters(model: nn.Module, dtype: torch.dtype, skip: set[str] = froze
             collect = FusedCollector(module, names, fused_name)
             for n, key in zip(names, keys):
                 out[key] = (f"{name}.{n}", lambda w, n=n, c=collect: c(n, w))
-    head = getattr(model, "lm_head", None)
-    if type(head) is DecoupledLinear and not getattr(model.config, "tie_word_embeddings", False):
-        out["lm_head.weight"] = ("lm_head", lambda w, fc=head.additional_fc: PackedOutput(w, fc))
+    build = packed_output(model)
+    if build is not None and "lm_head.weight" not in skip:
+        out["lm_head.weight"] = ("lm_head", build)
     return out
 
 

@@ -163,6 +163,7 @@ def test_logits_match_reference(checkpoints, sample, name):
     folder, ref, splitting = checkpoints(name)
     pipe = idefics.load(folder)
     assert type(pipe.model).__name__ == "Idefics2"
+    assert type(pipe.model.lm_head).__name__ == "PackedLinear"  # untied output layer: packed, same logits
     assert pipe.processor.images.do_image_splitting is splitting  # read from either processor-file layout
     texts, images = sample
     ours, logits = assert_logits_match(ref, pipe, folder, texts, images, splitting)
@@ -336,6 +337,7 @@ def test_int8_quantized_loading_covers_idefics2(checkpoints, sample):
     plain = idefics.load(folder)
     quantized = idefics.load(folder, quantize="int8")
     assert sum(type(m).__name__ == "Int8Linear" for m in quantized.model.modules()) > 0
+    assert type(quantized.model.lm_head).__name__ == "PackedLinear"  # the output layer stays bf16, packed
     inputs = plain.processor(text=texts, images=images)
     with torch.no_grad():
         a = plain.model(**inputs).logits
