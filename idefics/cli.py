@@ -177,7 +177,8 @@ def matmul_kernels(model) -> str:
         kinds[kind] = kinds.get(kind, 0) + 1
     used = ", ".join(f"{name} x{count}" for name, count in kinds.items()) or "none"
     if cpu_kernels.available():
-        return f"{used} (compiled ops on {cpu_kernels.parallel_threads()} threads)"
+        tiles = ", bf16 on AMX tiles" if cpu_kernels.uses_amx() else ""
+        return f"{used} (compiled ops on {cpu_kernels.parallel_threads()} threads{tiles})"
     return used + " (this project's kernel is not used here: no AVX-512 BF16, or off)"
 
 

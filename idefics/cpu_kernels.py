@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("matmul.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
+           for name in ("matmul.cpp", "amx.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
 # -fopenmp: `at::parallel_for` is inlined from ATen's headers, and without it the pragma is dropped and every op
 # runs on one thread whatever `torch.set_num_threads` says. Linking -fopenmp records libgomp.so.1, the soname of the
 # libgomp torch ships and has already loaded, so the process keeps a single OpenMP runtime (one thread pool).
@@ -38,15 +38,14 @@ _state: dict[str, object] = {}
 
 def cpu_supported() -> bool:
     """The CPU has the flags the kernel is compiled for (checked before loading: code built for them would fault
-    on a CPU without them) and no AMX: with AMX tiles oneDNN's bf16 matmuls are several times faster for
-    prefill than any AVX-512 kernel, and sum in another order. Linux reports the flags in /proc/cpuinfo;
-    elsewhere the kernel is not used."""
+    on a CPU without them). With AMX as well, bf16 products run on its tiles (`csrc/amx.cpp`), as oneDNN's do.
+    Linux reports the flags in /proc/cpuinfo; elsewhere the kernel is not used."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return False
     have = set(flags.split(":", 1)[1].split())
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= have and "amx_bf16" not in have
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= have
 
 
 def disabled() -> bool:
@@ -99,6 +98,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     input features side by side), [ceil(N/64), K, 64, 1] for float32."""
     build()
     return torch.ops.idefics.pack(weight.detach())
+
+
+def uses_amx() -> bool:
+    """bf16 products run on AMX tiles here (`csrc/amx.cpp`; `IDEFICS_AMX=0` keeps the AVX-512 ones)."""
+    build()
+    return bool(torch.ops.idefics.amx_usable())
 
 
 def parallel_threads() -> int:

@@ -276,6 +276,8 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
   const int64_t m = x.size(0), np = panels(n), kg = groups(k, per), step = chunk / per;
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
   sizes.back() = n;
+  if (!f32 && !int8 && m > 0 && n > 0 && amx_usable())
+    return amx_linear(x, packed, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, n).view(sizes);
   at::Tensor out = at::empty(sizes, input.options());
   if (m == 0 || n == 0) return out;
   const char* ws = reinterpret_cast<const char*>(packed.data_ptr());
@@ -353,6 +355,7 @@ TORCH_LIBRARY(idefics, m) {
   m.def("unpack(Tensor packed, int n, int k) -> Tensor");
   m.def("linear(Tensor input, Tensor packed, Tensor? scale, Tensor? bias, int n, int chunk) -> Tensor");
   m.def("parallel_threads(int tasks) -> int", &idefics::parallel_threads);  // no tensors: one kernel for all
+  m.def("amx_usable() -> bool", &idefics::amx_usable);
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) {

@@ -15,6 +15,11 @@ int64_t default_chunk(at::ScalarType weight, int64_t rows, int64_t k);
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t n, int64_t chunk);
 
+// amx.cpp: the bf16 product on AMX tiles (x: [M, K] contiguous bf16, bias: n float32 values or null), and whether
+// this CPU and kernel let the process use them.
+bool amx_usable();
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n);
+
 // norm_rope.cpp
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
 at::Tensor rotary_into_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,

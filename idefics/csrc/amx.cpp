@@ -1,0 +1,186 @@
+// y = x W^T (+ b) on AMX tiles, for bf16 weights in matmul.cpp's panel layout, where the CPU has AMX.
+//
+// Why: with AMX, oneDNN's bf16 products (the reference's) run on tiles, ~3x faster than any AVX-512 kernel at
+// prefill sizes, and they sum in the tiles' order, which no `vdpbf16ps` chunking reproduces (a sweep found ~0.03%
+// of outputs 1 ulp apart). Running the same tile instruction over the same weight layout keeps the panels (one
+// copy of each weight, read front to back by decoding) and gives oneDNN's bits and prefill speed.
+//
+// The panel layout is already what a tile product wants for its second operand: for 16 consecutive input pairs,
+// the 64 outputs' pairs side by side (256 bytes per pair), so the B tile of outputs 16j..16j+15 is 16 rows of
+// 64 bytes at stride 256. A tile is 16 rows of x x 32 input features. Each C tile (16 rows x 16 outputs, float32)
+// accumulates the whole K in order, 32 features per `tdpbf16ps`, as oneDNN's brgemm does; then bias in float32 and
+// one rounding to bf16. Rows of x beyond M and features beyond K are zeros in a scratch copy, and a panel's pairs
+// beyond K (the last step of a K that is not a multiple of 32) are zeros too, so they add nothing.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "ops.h"
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanel = 64;      // outputs per weight panel (matmul.cpp's kBlockN)
+constexpr int64_t kPairs = 16;      // input pairs per tile step (32 features, 64 bytes of a tile row)
+constexpr int64_t kRowBlock = 32;   // rows of x per pass: two A tiles
+constexpr int64_t kPairBytes = kPanel * 2 * 2;  // one input pair of a panel: 64 outputs x 2 bf16
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 64 bytes wide; A (4, and 5 in `half_panel`) and C (0-3) tiles `rows` high, B tiles 16.
+TileConfig tile_config(int rows, bool short_rows) {
+  TileConfig c;
+  for (int t = 0; t < 8; t++) {
+    c.rows[t] = t < 4 || t == 4 || (t == 5 && !short_rows) ? rows : 16;
+    c.colsb[t] = 64;
+  }
+  return c;
+}
+
+// Linux hands out AMX state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool request_tiles() {
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+void half_panel(const uint16_t* a, int64_t lda, const char* panel, int64_t steps, const char* last_step, int half,
+                float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; s++) {
+    const char* b = (s == steps - 1 && last_step != nullptr ? last_step : panel + s * kPairs * kPairBytes) + half * 128;
+    _tile_loadd(4, a + s * 32, lda * 2);
+    _tile_loadd(5, a + 16 * lda + s * 32, lda * 2);
+    _tile_loadd(6, b, kPairBytes);
+    _tile_loadd(7, b + 64, kPairBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 32 * 4);  // c: [32 rows][32 outputs] float32
+  _tile_stored(1, c + 16, 32 * 4);
+  _tile_stored(2, c + 16 * 32, 32 * 4);
+  _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+}
+
+// The barrier: GCC does not treat `ldtilecfg` as reading its operand, and dropped the stores that fill it.
+// At most 16 rows (decoding): one A tile of `rows` rows against the whole panel per step (four C tiles, B tiles
+// in 5-7 with the fourth reusing 5), so the panel streams front to back once, 8 KiB of it fetched ahead.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+void short_panel(const uint16_t* a, int64_t lda, const char* panel, int64_t steps, const char* last_step, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; s++) {
+    const char* b = s == steps - 1 && last_step != nullptr ? last_step : panel + s * kPairs * kPairBytes;
+    for (int line = 0; line < 4096; line += 64) _mm_prefetch(b + 8192 + line, _MM_HINT_T0);
+    _tile_loadd(4, a + s * 32, lda * 2);
+    _tile_loadd(5, b, kPairBytes);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 64, kPairBytes);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 128, kPairBytes);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 192, kPairBytes);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, c, 64 * 4);  // c: [16 rows][64 outputs] float32
+  _tile_stored(1, c + 16, 64 * 4);
+  _tile_stored(2, c + 32, 64 * 4);
+  _tile_stored(3, c + 48, 64 * 4);
+}
+
+__attribute__((target("amx-tile")))
+void configure(const TileConfig& c) {
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile")))
+void release() { _tile_release(); }
+
+}  // namespace
+
+namespace idefics {
+
+bool amx_usable() {  // IDEFICS_AMX=0 keeps the AVX-512 tiles (to compare them)
+  static const bool ok = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") &&
+                         !(std::getenv("IDEFICS_AMX") != nullptr && std::string(std::getenv("IDEFICS_AMX")) == "0") &&
+                         request_tiles();
+  return ok;
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n) {
+  const int64_t m = x.size(0), k = x.size(1), kg = packed.size(1), np = packed.size(0);
+  const int64_t steps = (kg + kPairs - 1) / kPairs, kp = steps * kPairs * 2;  // features padded to whole steps
+  const bool short_rows = m <= 16;  // `short_panel`, tiles of m rows; else `half_panel` on blocks of 32 rows
+  const int64_t mp = short_rows ? m : (m + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<uint16_t> padded;
+  if (kp != k || mp != m) {  // zero rows and features so that every tile load stays inside x
+    padded.assign(static_cast<size_t>(mp * kp), 0);
+    for (int64_t r = 0; r < m; r++) std::memcpy(&padded[r * kp], xs + r * k, k * 2);
+    xs = padded.data();
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const char* ws = reinterpret_cast<const char*>(packed.data_ptr());
+  const int64_t panel_bytes = kg * kPairBytes, tail_pairs = kg - (steps - 1) * kPairs;
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    configure(tile_config(short_rows ? static_cast<int>(m) : 16, short_rows));
+    alignas(64) float c[kRowBlock * 32];  // = 16 x 64: one block's sums, [rows][width]
+    std::vector<char> last(tail_pairs < kPairs ? kPairs * kPairBytes : 0, 0);  // a short last step, zero-padded
+    // Sums of `rows` x `width` outputs from column col0 on: bias, one rounding to bf16, the valid columns stored.
+    auto finish = [&](int64_t r0, int64_t rows, int64_t col0, int64_t width) {
+      for (int64_t j = 0; j < width; j += 16) {
+        const int64_t cols = std::clamp<int64_t>(n - col0 - j, 0, 16);
+        if (cols == 0) break;
+        const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col0 + j) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; r++) {
+          __m512 v = _mm512_loadu_ps(c + r * width + j);
+          if (bias) v = _mm512_add_ps(v, b);
+          _mm256_mask_storeu_epi16(o + (r0 + r) * n + col0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    };
+    for (int64_t p = p0; p < p1; p++) {
+      const char* panel = ws + p * panel_bytes;
+      if (!last.empty()) std::memcpy(last.data(), panel + (steps - 1) * kPairs * kPairBytes, tail_pairs * kPairBytes);
+      const char* tail = last.empty() ? nullptr : last.data();
+      if (short_rows) {
+        short_panel(xs, kp, panel, steps, tail, c);
+        finish(0, m, p * kPanel, kPanel);
+        continue;
+      }
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+        for (int half = 0; half < 2 && p * kPanel + half * 32 < n; half++) {
+          half_panel(xs + r0 * kp, kp, panel, steps, tail, half, c);
+          finish(r0, std::min(kRowBlock, m - r0), p * kPanel + half * 32, 32);
+        }
+      }
+    }
+    release();
+  });
+  return out;
+}
+
+}  // namespace idefics
