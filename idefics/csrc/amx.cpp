@@ -33,6 +33,7 @@ constexpr int64_t kPanel = 64;      // outputs per weight panel (matmul.cpp's kB
 constexpr int64_t kPairs = 16;      // input pairs per tile step (32 features, 64 bytes of a tile row)
 constexpr int64_t kRowBlock = 32;   // rows of x per pass: two A tiles
 constexpr int64_t kPairBytes = kPanel * 2 * 2;  // one input pair of a panel: 64 outputs x 2 bf16
+constexpr int64_t kFetchAhead = 32768;  // bytes of a panel fetched ahead by a first pass: ~8 steps, past memory latency
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -56,31 +57,42 @@ bool request_tiles() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
+// One half panel (32 outputs) for 32 rows of x (two A tiles; `Two` false: 16 rows, the tail of M), the whole K.
+// The first row block of a panel also fetches the whole panel's next steps ahead: its lines come from memory then,
+// and the second half and later row blocks find them in L2.
+template <bool Two>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 void half_panel(const uint16_t* a, int64_t lda, const char* panel, int64_t steps, const char* last_step, int half,
-                float* c) {
+                bool fetch, float* c) {
   _tile_zero(0);
   _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (Two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t s = 0; s < steps; s++) {
     const char* b = (s == steps - 1 && last_step != nullptr ? last_step : panel + s * kPairs * kPairBytes) + half * 128;
+    if (fetch)
+      for (int line = 0; line < 4096; line += 64) _mm_prefetch(b - half * 128 + kFetchAhead + line, _MM_HINT_T1);
     _tile_loadd(4, a + s * 32, lda * 2);
-    _tile_loadd(5, a + 16 * lda + s * 32, lda * 2);
     _tile_loadd(6, b, kPairBytes);
     _tile_loadd(7, b + 64, kPairBytes);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if (Two) {
+      _tile_loadd(5, a + 16 * lda + s * 32, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, 32 * 4);  // c: [32 rows][32 outputs] float32
   _tile_stored(1, c + 16, 32 * 4);
-  _tile_stored(2, c + 16 * 32, 32 * 4);
-  _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+  if (Two) {
+    _tile_stored(2, c + 16 * 32, 32 * 4);
+    _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+  }
 }
 
-// The barrier: GCC does not treat `ldtilecfg` as reading its operand, and dropped the stores that fill it.
 // At most 16 rows (decoding): one A tile of `rows` rows against the whole panel per step (four C tiles, B tiles
 // in 5-7 with the fourth reusing 5), so the panel streams front to back once, 8 KiB of it fetched ahead.
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -132,7 +144,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
   const int64_t m = x.size(0), k = x.size(1), kg = packed.size(1), np = packed.size(0);
   const int64_t steps = (kg + kPairs - 1) / kPairs, kp = steps * kPairs * 2;  // features padded to whole steps
   const bool short_rows = m <= 16;  // `short_panel`, tiles of m rows; else `half_panel` on blocks of 32 rows
-  const int64_t mp = short_rows ? m : (m + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const int64_t mp = short_rows ? m : (m + 15) / 16 * 16;  // a tail of at most 16 rows runs on one A tile
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
   std::vector<uint16_t> padded;
   if (kp != k || mp != m) {  // zero rows and features so that every tile load stays inside x
@@ -173,7 +185,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
       }
       for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
         for (int half = 0; half < 2 && p * kPanel + half * 32 < n; half++) {
-          half_panel(xs + r0 * kp, kp, panel, steps, tail, half, c);
+          const bool fetch = r0 == 0 && half == 0;
+          if (m - r0 > 16) {
+            half_panel<true>(xs + r0 * kp, kp, panel, steps, tail, half, fetch, c);
+          } else {
+            half_panel<false>(xs + r0 * kp, kp, panel, steps, tail, half, fetch, c);
+          }
           finish(r0, std::min(kRowBlock, m - r0), p * kPanel + half * 32, 32);
         }
       }
