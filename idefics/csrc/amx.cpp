@@ -1,4 +1,5 @@
-// y = x W^T (+ b) on AMX tiles, for bf16 weights in matmul.cpp's panel layout, where the CPU has AMX.
+// y = x W^T (+ b) on AMX tiles, for bf16 (or widened int8) weights in matmul.cpp's panel layout, where the CPU
+// has AMX.
 //
 // Why: with AMX, oneDNN's bf16 products (the reference's) run on tiles, ~3x faster than any AVX-512 kernel at
 // prefill sizes, and they sum in the tiles' order, which no `vdpbf16ps` chunking reproduces (a sweep found ~0.03%
@@ -140,7 +141,8 @@ bool amx_usable() {  // IDEFICS_AMX=0 keeps the AVX-512 tiles (to compare them)
   return ok;
 }
 
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n) {
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* scale, const float* bias,
+                      int64_t n) {
   const int64_t m = x.size(0), k = x.size(1), kg = packed.size(1), np = packed.size(0);
   const int64_t steps = (kg + kPairs - 1) / kPairs, kp = steps * kPairs * 2;  // features padded to whole steps
   const bool short_rows = m <= 16;  // `short_panel`, tiles of m rows; else `half_panel` on blocks of 32 rows
@@ -155,11 +157,13 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
   at::Tensor out = at::empty({m, n}, x.options());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
   const char* ws = reinterpret_cast<const char*>(packed.data_ptr());
-  const int64_t panel_bytes = kg * kPairBytes, tail_pairs = kg - (steps - 1) * kPairs;
+  const bool int8 = packed.scalar_type() == at::kChar;  // each panel widened to bf16 first, in a buffer in L2
+  const int64_t panel_bytes = kg * kPairBytes / (int8 ? 2 : 1), tail_pairs = kg - (steps - 1) * kPairs;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     configure(tile_config(short_rows ? static_cast<int>(m) : 16, short_rows));
     alignas(64) float c[kRowBlock * 32];  // = 16 x 64: one block's sums, [rows][width]
     std::vector<char> last(tail_pairs < kPairs ? kPairs * kPairBytes : 0, 0);  // a short last step, zero-padded
+    std::vector<uint16_t> widened(int8 ? static_cast<size_t>(kg) * kPanel * 2 : 0);
     // Sums of `rows` x `width` outputs from column col0 on: bias, one rounding to bf16, the valid columns stored.
     auto finish = [&](int64_t r0, int64_t rows, int64_t col0, int64_t width) {
       for (int64_t j = 0; j < width; j += 16) {
@@ -167,8 +171,10 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
         if (cols == 0) break;
         const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
         const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col0 + j) : _mm512_setzero_ps();
+        const __m512 s = scale ? _mm512_maskz_loadu_ps(mask, scale + col0 + j) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; r++) {
           __m512 v = _mm512_loadu_ps(c + r * width + j);
+          if (scale) v = _mm512_mul_ps(v, s);
           if (bias) v = _mm512_add_ps(v, b);
           _mm256_mask_storeu_epi16(o + (r0 + r) * n + col0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
         }
@@ -176,6 +182,10 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
     };
     for (int64_t p = p0; p < p1; p++) {
       const char* panel = ws + p * panel_bytes;
+      if (int8) {
+        idefics::widen_int8(reinterpret_cast<const int8_t*>(panel), kg, widened.data());
+        panel = reinterpret_cast<const char*>(widened.data());
+      }
       if (!last.empty()) std::memcpy(last.data(), panel + (steps - 1) * kPairs * kPairBytes, tail_pairs * kPairBytes);
       const char* tail = last.empty() ? nullptr : last.data();
       if (short_rows) {

@@ -163,17 +163,6 @@ void row_int8(const float* xf, const int8_t* w, int64_t p0, int64_t p1, const Ep
   for (int j = 0; j < 4; j++) e.store(_mm512_load_ps(sums + 16 * j), j, 0, out);
 }
 
-// `count` pair-rows of an int8 panel (128 bytes each) widened to bf16, in the same order.
-void widen_int8(const int8_t* src, int64_t count, uint16_t* dst) {
-  for (int64_t i = 0; i < count * kBlockN * 2; i += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(src + i + 2048), _MM_HINT_T0);
-    const __m128i* s = reinterpret_cast<const __m128i*>(src + i);
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(s)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(s + 1)));
-    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
-}
-
 template <typename Fn>
 void by_rows(int64_t m, Fn&& fn) {  // fn(start row, rows) over tiles of at most kMaxRows rows
   for (int64_t r = 0; r < m; r += kMaxRows) fn(r, static_cast<int>(std::min<int64_t>(kMaxRows, m - r)));
@@ -218,6 +207,17 @@ at::Tensor per_output(const std::optional<at::Tensor>& t, int64_t n, const char*
 }  // namespace
 
 namespace idefics {
+
+// `count` pair-rows of an int8 panel (128 bytes each) widened to bf16, in the same order.
+void widen_int8(const int8_t* src, int64_t count, uint16_t* dst) {
+  for (int64_t i = 0; i < count * kBlockN * 2; i += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(src + i + 2048), _MM_HINT_T0);
+    const __m128i* s = reinterpret_cast<const __m128i*>(src + i);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(s)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(s + 1)));
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
 
 at::Tensor pack(const at::Tensor& weight) {
   check_weight(weight);
@@ -276,8 +276,9 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
   const int64_t m = x.size(0), np = panels(n), kg = groups(k, per), step = chunk / per;
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
   sizes.back() = n;
-  if (!f32 && !int8 && m > 0 && n > 0 && amx_usable())
-    return amx_linear(x, packed, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, n).view(sizes);
+  if (!f32 && !(int8 && m == 1) && m > 0 && n > 0 && amx_usable())  // one int8 row: float32 FMAs (`row_int8`)
+    return amx_linear(x, packed, scale_f.defined() ? scale_f.data_ptr<float>() : nullptr,
+                      bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, n).view(sizes);
   at::Tensor out = at::empty(sizes, input.options());
   if (m == 0 || n == 0) return out;
   const char* ws = reinterpret_cast<const char*>(packed.data_ptr());

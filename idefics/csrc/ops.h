@@ -15,10 +15,14 @@ int64_t default_chunk(at::ScalarType weight, int64_t rows, int64_t k);
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t n, int64_t chunk);
 
-// amx.cpp: the bf16 product on AMX tiles (x: [M, K] contiguous bf16, bias: n float32 values or null), and whether
-// this CPU and kernel let the process use them.
+// `count` pair-rows of an int8 panel (128 bytes each) widened to bf16 (exact), in the same order.
+void widen_int8(const int8_t* src, int64_t count, uint16_t* dst);
+
+// amx.cpp: the product on AMX tiles (x: [M, K] contiguous bf16; packed bf16, or int8 with a float32 scale per
+// output; bias: n float32 values or null), and whether this CPU and kernel let the process use the tiles.
 bool amx_usable();
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n);
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* scale, const float* bias,
+                      int64_t n);
 
 // norm_rope.cpp
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
