@@ -34,6 +34,7 @@ constexpr int64_t kPanel = 64;      // outputs per weight panel (matmul.cpp's kB
 constexpr int64_t kPairs = 16;      // input pairs per tile step (32 features, 64 bytes of a tile row)
 constexpr int64_t kRowBlock = 32;   // rows of x per pass: two A tiles
 constexpr int64_t kPairBytes = kPanel * 2 * 2;  // one input pair of a panel: 64 outputs x 2 bf16
+constexpr int64_t kGroupBytes = 768 << 10;  // most of x a thread keeps in L2 (of 2 MiB) beside a panel
 constexpr int64_t kFetchAhead = 32768;  // bytes of a panel fetched ahead by a first pass: ~8 steps, past memory latency
 
 struct alignas(64) TileConfig {
@@ -59,12 +60,14 @@ bool request_tiles() {
 }
 
 // One half panel (32 outputs) for 32 rows of x (two A tiles; `Two` false: 16 rows, the tail of M), the whole K.
-// The first row block of a panel also fetches the whole panel's next steps ahead: its lines come from memory then,
-// and the second half and later row blocks find them in L2.
+// Memory: a panel is read from memory once, by the first pass over it, and from L2 by the others (the second
+// half, later row blocks). Left to that first pass, the read does not overlap the tile work (cold weights cost
+// their whole transfer time on top); so every pass over panel p also fetches its share of panel p + 1 into L2,
+// `ahead` bytes from `fetch` per step, and only a thread's first panel is fetched by its own first pass.
 template <bool Two>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-void half_panel(const uint16_t* a, int64_t lda, const char* panel, int64_t steps, const char* last_step, int half,
-                bool fetch, float* c) {
+void half_panel(const uint16_t* a, const uint16_t* a1, int64_t lda, const char* panel, int64_t steps,
+                const char* last_step, int half, const char* fetch, int64_t ahead, float* c) {
   _tile_zero(0);
   _tile_zero(1);
   if (Two) {
@@ -73,15 +76,15 @@ void half_panel(const uint16_t* a, int64_t lda, const char* panel, int64_t steps
   }
   for (int64_t s = 0; s < steps; s++) {
     const char* b = (s == steps - 1 && last_step != nullptr ? last_step : panel + s * kPairs * kPairBytes) + half * 128;
-    if (fetch)
-      for (int line = 0; line < 4096; line += 64) _mm_prefetch(b - half * 128 + kFetchAhead + line, _MM_HINT_T1);
+    if (fetch != nullptr)
+      for (int64_t line = 0; line < ahead; line += 64) _mm_prefetch(fetch + s * ahead + line, _MM_HINT_T1);
     _tile_loadd(4, a + s * 32, lda * 2);
     _tile_loadd(6, b, kPairBytes);
     _tile_loadd(7, b + 64, kPairBytes);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (Two) {
-      _tile_loadd(5, a + 16 * lda + s * 32, lda * 2);
+      _tile_loadd(5, a1 + s * 32, lda * 2);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -148,18 +151,30 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
   const bool short_rows = m <= 16;  // `short_panel`, tiles of m rows; else `half_panel` on blocks of 32 rows
   const int64_t mp = short_rows ? m : (m + 15) / 16 * 16;  // a tail of at most 16 rows runs on one A tile
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<uint16_t> padded;
-  if (kp != k || mp != m) {  // zero rows and features so that every tile load stays inside x
+  // Tile loads must stay inside x: with K not a multiple of 32, x is copied with zero features and rows; else
+  // only a last A tile of fewer than 16 rows is (`rows_at`).
+  std::vector<uint16_t> padded, last_tile;
+  if (kp != k) {
     padded.assign(static_cast<size_t>(mp * kp), 0);
     for (int64_t r = 0; r < m; r++) std::memcpy(&padded[r * kp], xs + r * k, k * 2);
     xs = padded.data();
   }
+  const int64_t short_from = mp != m && kp == k ? m / 16 * 16 : mp;  // the rows `last_tile` holds from here
+  if (short_from < m) {
+    last_tile.assign(static_cast<size_t>(16 * kp), 0);
+    std::memcpy(last_tile.data(), xs + short_from * kp, (m - short_from) * kp * 2);
+  }
+  auto rows_at = [&](int64_t r) { return r == short_from ? last_tile.data() : xs + r * kp; };
   at::Tensor out = at::empty({m, n}, x.options());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
   const char* ws = reinterpret_cast<const char*>(packed.data_ptr());
   const bool int8 = packed.scalar_type() == at::kChar;  // each panel widened to bf16 first, in a buffer in L2
   const int64_t panel_bytes = kg * kPairBytes / (int8 ? 2 : 1), tail_pairs = kg - (steps - 1) * kPairs;
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+  // Tasks are (group of rows, panel), group-major: a thread keeps one group of x in L2 while panels stream past
+  // it. Groups of at most ~768 KiB of x (a multiple of 32 rows): beyond that x fell out of L2 between panels.
+  const int64_t groups = short_rows ? 1 : std::max<int64_t>(1, (m * kp * 2 + kGroupBytes - 1) / kGroupBytes);
+  const int64_t group_rows = short_rows ? m : ((m + groups - 1) / groups + kRowBlock - 1) / kRowBlock * kRowBlock;
+  at::parallel_for(0, groups * np, 1, [&](int64_t t0, int64_t t1) {
     configure(tile_config(short_rows ? static_cast<int>(m) : 16, short_rows));
     alignas(64) float c[kRowBlock * 32];  // = 16 x 64: one block's sums, [rows][width]
     std::vector<char> last(tail_pairs < kPairs ? kPairs * kPairBytes : 0, 0);  // a short last step, zero-padded
@@ -180,7 +195,8 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
         }
       }
     };
-    for (int64_t p = p0; p < p1; p++) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t p = t % np, g0 = t / np * group_rows, g1 = std::min(m, g0 + group_rows);
       const char* panel = ws + p * panel_bytes;
       if (int8) {
         idefics::widen_int8(reinterpret_cast<const int8_t*>(panel), kg, widened.data());
@@ -193,15 +209,26 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
         finish(0, m, p * kPanel, kPanel);
         continue;
       }
-      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        for (int half = 0; half < 2 && p * kPanel + half * 32 < n; half++) {
-          const bool fetch = r0 == 0 && half == 0;
-          if (m - r0 > 16) {
-            half_panel<true>(xs + r0 * kp, kp, panel, steps, tail, half, fetch, c);
-          } else {
-            half_panel<false>(xs + r0 * kp, kp, panel, steps, tail, half, fetch, c);
+      const int halves = p * kPanel + 32 < n ? 2 : 1;
+      const int passes = static_cast<int>((g1 - g0 + kRowBlock - 1) / kRowBlock) * halves;
+      // the next task's panel, spread over this task's passes
+      const char* next = t + 1 < t1 ? ws + (t + 1) % np * panel_bytes : nullptr;
+      const int64_t share = ((panel_bytes + passes - 1) / passes + steps - 1) / steps;
+      int pass = 0;
+      for (int64_t r0 = g0; r0 < g1; r0 += kRowBlock) {
+        for (int half = 0; half < halves; half++, pass++) {
+          const char* fetch = next != nullptr ? next + pass * steps * share : nullptr;
+          int64_t ahead = (share + 63) / 64 * 64;
+          if (t == t0 && pass == 0) {  // nothing fetched this panel: run ahead of this first pass
+            fetch = ws + p * panel_bytes + kFetchAhead;
+            ahead = kPairs * kPairBytes / (int8 ? 2 : 1);
           }
-          finish(r0, std::min(kRowBlock, m - r0), p * kPanel + half * 32, 32);
+          if (m - r0 > 16) {
+            half_panel<true>(rows_at(r0), rows_at(r0 + 16), kp, panel, steps, tail, half, fetch, ahead, c);
+          } else {
+            half_panel<false>(rows_at(r0), nullptr, kp, panel, steps, tail, half, fetch, ahead, c);
+          }
+          finish(r0, std::min(kRowBlock, g1 - r0), p * kPanel + half * 32, 32);
         }
       }
     }
