@@ -43,8 +43,11 @@ def test_ops_run_on_torchs_threads():
         torch.set_num_threads(before)
 
 
+# (33, 64, 25000) and (144, 130, 11008): x too large for one L2 group of rows (`kRowGroupBytes`), split into
+# groups that do not divide M evenly (a 9B down projection crashed on an empty group once)
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 2, 96), (2, 130, 33), (5, 65, 200),
-                                   (6, 128, 128), (7, 100, 1000), (13, 64, 8195), (128, 192, 257)])
+                                   (6, 128, 128), (7, 100, 1000), (13, 64, 8195), (128, 192, 257),
+                                   (33, 64, 25000), (144, 130, 11008), (300, 64, 3000)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_within_one_rounding_of_float32_arithmetic(m, n, k, bias):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -105,7 +108,7 @@ def test_bit_identical_to_f_linear(threads):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 200, 1025), (1, 70, 8195), (2, 130, 33), (7, 100, 1000),
-                                   (13, 64, 2050)])
+                                   (13, 64, 2050), (144, 70, 11008)])
 def test_int8_linear_within_one_rounding_of_exact(m, n, k):
     """int8 weights with float32 scales: y = scale * (x . q) (+ bias) within one bf16 rounding of the exact value
     (float64 here) plus float32 summation error (k ulps of the sum of |products|; matters where the bias cancels
@@ -126,7 +129,7 @@ def test_int8_linear_within_one_rounding_of_exact(m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 70, 11008), (3, 130, 33), (6, 64, 300),
-                                   (128, 192, 257)])
+                                   (128, 192, 257), (301, 70, 1024), (5, 64, 130000)])
 def test_float32_linear_within_summation_error(m, n, k):
     """float32 weights: exact float32 products summed in chunks of 128 features, so the error stays within the
     classic bound for that order: (128 + k/128 + 2) ulps of the sum of |products|, checked against float64."""

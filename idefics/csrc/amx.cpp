@@ -34,7 +34,6 @@ constexpr int64_t kPanel = 64;      // outputs per weight panel (matmul.cpp's kB
 constexpr int64_t kPairs = 16;      // input pairs per tile step (32 features, 64 bytes of a tile row)
 constexpr int64_t kRowBlock = 32;   // rows of x per pass: two A tiles
 constexpr int64_t kPairBytes = kPanel * 2 * 2;  // one input pair of a panel: 64 outputs x 2 bf16
-constexpr int64_t kGroupBytes = 768 << 10;  // most of x a thread keeps in L2 (of 2 MiB) beside a panel
 constexpr int64_t kFetchAhead = 32768;  // bytes of a panel fetched ahead by a first pass: ~8 steps, past memory latency
 
 struct alignas(64) TileConfig {
@@ -171,9 +170,10 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
   const bool int8 = packed.scalar_type() == at::kChar;  // each panel widened to bf16 first, in a buffer in L2
   const int64_t panel_bytes = kg * kPairBytes / (int8 ? 2 : 1), tail_pairs = kg - (steps - 1) * kPairs;
   // Tasks are (group of rows, panel), group-major: a thread keeps one group of x in L2 while panels stream past
-  // it. Groups of at most ~768 KiB of x (a multiple of 32 rows): beyond that x fell out of L2 between panels.
-  const int64_t groups = short_rows ? 1 : std::max<int64_t>(1, (m * kp * 2 + kGroupBytes - 1) / kGroupBytes);
-  const int64_t group_rows = short_rows ? m : ((m + groups - 1) / groups + kRowBlock - 1) / kRowBlock * kRowBlock;
+  // it (`kRowGroupBytes`; here a multiple of 32 rows): beyond that x fell out of L2 between panels.
+  const int64_t wanted = short_rows ? 1 : std::max<int64_t>(1, (m * kp * 2 + kRowGroupBytes - 1) / kRowGroupBytes);
+  const int64_t group_rows = short_rows ? m : ((m + wanted - 1) / wanted + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const int64_t groups = (m + group_rows - 1) / group_rows;  // rounding group_rows up can leave fewer, none empty
   at::parallel_for(0, groups * np, 1, [&](int64_t t0, int64_t t1) {
     configure(tile_config(short_rows ? static_cast<int>(m) : 16, short_rows));
     alignas(64) float c[kRowBlock * 32];  // = 16 x 64: one block's sums, [rows][width]

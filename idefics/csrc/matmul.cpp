@@ -164,8 +164,8 @@ void row_int8(const float* xf, const int8_t* w, int64_t p0, int64_t p1, const Ep
 }
 
 template <typename Fn>
-void by_rows(int64_t m, Fn&& fn) {  // fn(start row, rows) over tiles of at most kMaxRows rows
-  for (int64_t r = 0; r < m; r += kMaxRows) fn(r, static_cast<int>(std::min<int64_t>(kMaxRows, m - r)));
+void by_rows(int64_t r0, int64_t r1, Fn&& fn) {  // fn(start row, rows) over tiles of at most kMaxRows rows
+  for (int64_t r = r0; r < r1; r += kMaxRows) fn(r, static_cast<int>(std::min<int64_t>(kMaxRows, r1 - r)));
 }
 
 template <typename T, int... R>
@@ -291,10 +291,15 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
     const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(x.data_ptr())[c]) << 16;
     std::memcpy(&xf[c], &bits, sizeof bits);
   }
-  at::parallel_for(0, np, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> partial(static_cast<size_t>(m) * kBlockN);  // chunk sums of one panel, per row
+  // Tasks are (group of rows, panel), group-major (as in amx.cpp): a thread keeps one group of x in L2 while the
+  // panels pass; with all of a long prompt's rows per panel, x was read from memory again for every panel.
+  const int64_t wanted = std::max<int64_t>(1, (m * k * x.element_size() + kRowGroupBytes - 1) / kRowGroupBytes);
+  const int64_t group_rows = (m + wanted - 1) / wanted, groups = (m + group_rows - 1) / group_rows;  // none empty
+  at::parallel_for(0, groups * np, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> partial(static_cast<size_t>(group_rows) * kBlockN);  // chunk sums of one panel, per row
     std::vector<uint16_t> widened(int8 && !int8_row ? static_cast<size_t>(step) * kBlockN * 2 : 0);
-    for (int64_t b = b0; b < b1; b++) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t b = t % np, r0 = t / np * group_rows, r1 = std::min(m, r0 + group_rows);
       const int64_t valid = std::min(kBlockN, n - b * kBlockN);
       __mmask16 masks[4];  // valid columns of the panel's last 16-wide groups
       for (int j = 0; j < 4; j++) {
@@ -309,9 +314,9 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
         if (f32) {
           const float* w = reinterpret_cast<const float*>(panel) + offset;
           float* o = out.data_ptr<float>() + b * kBlockN;
-          by_rows(m, [&](int64_t r, int rows) {
+          by_rows(r0, r1, [&](int64_t r, int rows) {
             Epilogue e = base;
-            e.partial += r * kBlockN;
+            e.partial += (r - r0) * kBlockN;
             kTilesF32[rows - 1](x.data_ptr<float>() + r * k, k, w, g0, g1, e, o + r * n, n);
           });
           continue;
@@ -327,9 +332,9 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
           w = widened.data();
         }
         const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
-        by_rows(m, [&](int64_t r, int rows) {
+        by_rows(r0, r1, [&](int64_t r, int rows) {
           Epilogue e = base;
-          e.partial += r * kBlockN;
+          e.partial += (r - r0) * kBlockN;
           kTilesBf16[rows - 1](xs + r * k, k, w, g0, g1, e, o + r * n, n);
         });
       }

@@ -8,6 +8,10 @@
 
 namespace idefics {
 
+// Most of x one thread keeps in L2 (2 MiB here) beside the weight panel it works on: a long prompt's rows are
+// split into groups of at most this size, each group meeting every panel (matmul.cpp, amx.cpp).
+constexpr int64_t kRowGroupBytes = 768 << 10;
+
 // matmul.cpp: y = x W^T (+ b) on a packed weight; chunk <= 0 picks oneDNN's summation blocks (`default_chunk`).
 at::Tensor pack(const at::Tensor& weight);
 at::Tensor unpack(const at::Tensor& packed, int64_t n, int64_t k);
