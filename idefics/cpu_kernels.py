@@ -3,7 +3,10 @@
   `packing.PackedLinear` and `quantize.Int8Linear`. Decoding streams every decoder weight once per token; this
   kernel reads its own weight layout at close to the machine's streaming rate, where oneDNN's prepacked kernels
   (and `torch._weight_int8pack_mm`) reach much less of it; it matches oneDNN's speed on prefill-sized products and
-  gives oneDNN's (and so the reference's) bf16 results bit for bit. `benchmarks/bench_kernels.py` measures it.
+  gives oneDNN's (and so the reference's) bf16 results bit for bit. Where the CPU has AMX, bf16 (and several-row
+  int8) products run on AMX tiles over the same layout (`csrc/amx.cpp`), as oneDNN's do there: equal to oneDNN's
+  up to 32 rows, and beyond that within a rounding on ~0.03% of outputs (oneDNN's own results there change with
+  the row and thread count; ours do not). `benchmarks/bench_kernels.py` measures it.
 - RMSNorm and rotary embeddings written into the KV cache (`csrc/norm_rope.cpp`), bit-identical to the eager ops;
   attention of one query over the KV cache as it lies (`csrc/attention.cpp`, float32 arithmetic); and the decoding
   steps of a LLaMA decoder layer and of a gated cross-attention layer (`csrc/decoder_layer.cpp`, the Python
@@ -12,7 +15,7 @@
 
 It is compiled on first use with the C++ compiler torch's extension builder finds (~30 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
-lacks AVX-512 BF16 (or has AMX), no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
+lacks AVX-512 BF16, no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
 and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
 and int8 ones equal to rounding, a little slower.
 """
