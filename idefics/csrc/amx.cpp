@@ -4,14 +4,17 @@
 // Why: with AMX, oneDNN's bf16 products (the reference's) run on tiles, ~3x faster than any AVX-512 kernel at
 // prefill sizes, and they sum in the tiles' order, which no `vdpbf16ps` chunking reproduces (a sweep found ~0.03%
 // of outputs 1 ulp apart). Running the same tile instruction over the same weight layout keeps the panels (one
-// copy of each weight, read front to back by decoding) and gives oneDNN's bits and prefill speed.
+// copy of each weight, read front to back by decoding) and gives oneDNN's prefill speed and its bits up to 32
+// rows; beyond, oneDNN's result for a row changes with the row and thread count (ours does not), and the two
+// differ by a rounding on ~0.03% of outputs.
 //
 // The panel layout is already what a tile product wants for its second operand: for 16 consecutive input pairs,
 // the 64 outputs' pairs side by side (256 bytes per pair), so the B tile of outputs 16j..16j+15 is 16 rows of
 // 64 bytes at stride 256. A tile is 16 rows of x x 32 input features. Each C tile (16 rows x 16 outputs, float32)
 // accumulates the whole K in order, 32 features per `tdpbf16ps`, as oneDNN's brgemm does; then bias in float32 and
-// one rounding to bf16. Rows of x beyond M and features beyond K are zeros in a scratch copy, and a panel's pairs
-// beyond K (the last step of a K that is not a multiple of 32) are zeros too, so they add nothing.
+// one rounding to bf16. Features beyond K (x copied with zeros when K is not a multiple of 32), rows beyond M (a
+// zero-padded copy of a last A tile of fewer than 16 rows) and a panel's pairs beyond K (a zero-padded copy of
+// its short last step) are zeros, so they add nothing. The `chunk` of matmul.cpp does not apply here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -61,8 +64,8 @@ bool request_tiles() {
 // One half panel (32 outputs) for 32 rows of x (two A tiles; `Two` false: 16 rows, the tail of M), the whole K.
 // Memory: a panel is read from memory once, by the first pass over it, and from L2 by the others (the second
 // half, later row blocks). Left to that first pass, the read does not overlap the tile work (cold weights cost
-// their whole transfer time on top); so every pass over panel p also fetches its share of panel p + 1 into L2,
-// `ahead` bytes from `fetch` per step, and only a thread's first panel is fetched by its own first pass.
+// their whole transfer time on top); so every pass over a panel also fetches its share of the thread's next panel
+// into L2, `ahead` bytes from `fetch` per step, and only a thread's first panel is fetched by its own first pass.
 template <bool Two>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 void half_panel(const uint16_t* a, const uint16_t* a1, int64_t lda, const char* panel, int64_t steps,
@@ -137,9 +140,11 @@ void release() { _tile_release(); }
 namespace idefics {
 
 bool amx_usable() {  // IDEFICS_AMX=0 keeps the AVX-512 tiles (to compare them)
-  static const bool ok = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") &&
-                         !(std::getenv("IDEFICS_AMX") != nullptr && std::string(std::getenv("IDEFICS_AMX")) == "0") &&
-                         request_tiles();
+  static const bool ok = [] {
+    const char* env = std::getenv("IDEFICS_AMX");
+    const bool off = env != nullptr && std::string(env) == "0";
+    return !off && __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && request_tiles();
+  }();
   return ok;
 }
 
@@ -223,7 +228,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float
             fetch = ws + p * panel_bytes + kFetchAhead;
             ahead = kPairs * kPairBytes / (int8 ? 2 : 1);
           }
-          if (m - r0 > 16) {
+          if (g1 - r0 > 16) {
             half_panel<true>(rows_at(r0), rows_at(r0 + 16), kp, panel, steps, tail, half, fetch, ahead, c);
           } else {
             half_panel<false>(rows_at(r0), nullptr, kp, panel, steps, tail, half, fetch, ahead, c);

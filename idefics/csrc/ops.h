@@ -23,7 +23,8 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::
 void widen_int8(const int8_t* src, int64_t count, uint16_t* dst);
 
 // amx.cpp: the product on AMX tiles (x: [M, K] contiguous bf16; packed bf16, or int8 with a float32 scale per
-// output; bias: n float32 values or null), and whether this CPU and kernel let the process use the tiles.
+// output; bias: n float32 values or null), and whether this CPU and kernel let the process use the tiles. `linear`
+// hands bf16 weights (int8 ones for more than one row) to it when they do, whatever its `chunk`.
 bool amx_usable();
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const float* scale, const float* bias,
                       int64_t n);
