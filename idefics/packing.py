@@ -13,6 +13,19 @@ from torch import nn
 from . import cpu_kernels
 
 
+def packable(dtype: torch.dtype) -> bool:
+    """Whether CPU weights of `dtype` can be packed here: by this project's kernel, or by oneDNN, which packs bf16
+    only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. On others (AVX2 laptops and servers) bf16 linears stay
+    plain `nn.Linear`s (ATen's own bf16 path), unfused."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or cpu_kernels.available() or onednn_packs_bf16()
+
+
+def onednn_packs_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class PackedLinear(nn.Module):
     """A float Linear whose weight is reordered once for a fast CPU kernel, for inference.
 
@@ -33,6 +46,8 @@ class PackedLinear(nn.Module):
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
         weight = weight.detach()
+        if not packable(weight.dtype):
+            raise ValueError(f"cannot pack a {weight.dtype} weight on this CPU (see packing.packable); keep the nn.Linear")
         if cpu_kernels.available():
             return cpu_kernels.pack(weight)
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
@@ -47,7 +62,7 @@ class PackedLinear(nn.Module):
     def supports(linear: nn.Module) -> bool:
         w = getattr(linear, "weight", None)
         return (type(linear) is nn.Linear and w is not None and w.device.type == "cpu" and not w.is_meta
-                and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+                and packable(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # (one lookup each: a decoding step runs ~80 of these)
@@ -242,8 +257,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     head, build = getattr(model, "lm_head", None), packed_output(model)
     embed = getattr(inner, "embed_tokens", None)
     if (build is not None and head.weight is not getattr(embed, "weight", None)
-            and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()):
+            and head.weight.device.type == "cpu" and packable(head.weight.dtype)):
         model.lm_head = build(head.weight)
     return model
 
@@ -269,7 +283,7 @@ def pack_converters(model: nn.Module, dtype: torch.dtype, skip: set[str] = froze
     not in `skip` (packed), its sibling projections (fused: their builders collect the group and install the
     fused layer with its last weight, returning None) and an untied output layer (`packed_output`). Biases arrive
     afterwards through the state dict (a meta placeholder marks that the layer has one)."""
-    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+    if not packable(dtype):
         return {}
     out = {}
     inner = getattr(model, "model", None)
