@@ -17,7 +17,9 @@ It is compiled on first use with the C++ compiler torch's extension builder find
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
 lacks AVX-512 BF16, no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
 and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
-and int8 ones equal to rounding, a little slower.
+and int8 ones equal to rounding, a little slower. On CPUs with AVX2 but no AVX-512 (where oneDNN has no bf16
+matmul either) bf16 weights stay plain and are computed in float32 (`packing.layout` "widened"); a second, small
+extension (`csrc/avx2.cpp`, `widening_available()`) does their few-row products.
 """
 
 from __future__ import annotations
@@ -39,16 +41,19 @@ LDFLAGS = ["-fopenmp"]
 _state: dict[str, object] = {}
 
 
-def cpu_supported() -> bool:
-    """The CPU has the flags the kernel is compiled for (checked before loading: code built for them would fault
-    on a CPU without them). With AMX as well, bf16 products run on its tiles (`csrc/amx.cpp`), as oneDNN's do.
-    Linux reports the flags in /proc/cpuinfo; elsewhere the kernel is not used."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty elsewhere: no kernel is used)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    have = set(flags.split(":", 1)[1].split())
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= have
+        return set()
+    return set(flags.split(":", 1)[1].split())
+
+
+def cpu_supported() -> bool:
+    """The CPU has the flags the kernel is compiled for (checked before loading: code built for them would fault
+    on a CPU without them). With AMX as well, bf16 products run on its tiles (`csrc/amx.cpp`), as oneDNN's do."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
 
 
 def disabled() -> bool:
@@ -67,11 +72,11 @@ def build(verbose: bool = False) -> None:
         torch.library.register_fake("idefics::linear")(_linear_shape)
 
 
-def _cached() -> bool:
+def _cached(name: str = "idefics_cpu_kernels") -> bool:
     from torch.utils.cpp_extension import _get_build_directory
 
     try:
-        return (Path(_get_build_directory("idefics_cpu_kernels", False)) / "idefics_cpu_kernels.so").exists()
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
     except Exception:  # noqa: BLE001 - only decides whether to print the compiling message
         return False
 
@@ -101,6 +106,46 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     input features side by side), [ceil(N/64), K, 64, 1] for float32."""
     build()
     return torch.ops.idefics.pack(weight.detach())
+
+
+AVX2_SOURCES = [Path(__file__).parent / "csrc" / "avx2.cpp"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+
+
+def widening_available() -> bool:
+    """True where the main kernel is not used but the CPU has AVX2 and FMA (most laptops, AMD Zen 2/3): bf16
+    products of a few rows run on `csrc/avx2.cpp` (a separate, smaller extension built for AVX2 only), bf16
+    weights widened to float32 in registers. Decided once per process; a failed build warns once."""
+    if "widening" not in _state:
+        ok = (not cpu_supported() and {"avx2", "fma"} <= cpu_flags() and not disabled()
+              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+        if ok:
+            try:
+                _build_avx2()
+            except Exception as exc:  # noqa: BLE001 - any build problem means: ATen's own bf16 path
+                warnings.warn(f"idefics: the AVX2 kernel could not be built ({type(exc).__name__}: "
+                              f"{str(exc).strip()[-300:]}); bf16 layers use ATen's path", stacklevel=2)
+                ok = False
+        _state["widening"] = ok
+    return bool(_state["widening"])
+
+
+def _build_avx2() -> None:
+    from torch.utils.cpp_extension import load
+
+    if not hasattr(torch.ops.idefics, "widening_linear"):
+        if not _cached("idefics_avx2_kernels"):
+            print("idefics: compiling the AVX2 kernel (once per machine, ~15 s)...", file=sys.stderr, flush=True)
+        load(name="idefics_avx2_kernels", sources=[str(p) for p in AVX2_SOURCES], extra_cflags=AVX2_FLAGS,
+             extra_ldflags=LDFLAGS, is_python_module=False)
+        torch.library.register_fake("idefics::widening_linear")(
+            lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
+
+
+def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K] (+ bias), in float32, rounded once to x's
+    dtype (`csrc/avx2.cpp`). For a few rows: each row re-reads the weights from L1."""
+    return torch.ops.idefics.widening_linear(x, weight, bias)
 
 
 def uses_amx() -> bool:

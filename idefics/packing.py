@@ -13,17 +13,43 @@ from torch import nn
 from . import cpu_kernels
 
 
+def layout(dtype: torch.dtype) -> str | None:
+    """How `PackedLinear` stores CPU weights of `dtype` here: "kernel" (this project's panels, AVX-512 BF16),
+    "onednn" (oneDNN's blocked layout; it packs bf16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT),
+    "widened" (bf16 on other CPUs, e.g. AVX2 laptops: the plain weight, computed in float32), or None."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if cpu_kernels.available():
+        return "kernel"
+    onednn = torch.backends.mkldnn.is_available()
+    if dtype == torch.float32:
+        return "onednn" if onednn else None
+    return "onednn" if onednn and onednn_packs_bf16() else "widened"
+
+
 def packable(dtype: torch.dtype) -> bool:
-    """Whether CPU weights of `dtype` can be packed here: by this project's kernel, or by oneDNN, which packs bf16
-    only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. On others (AVX2 laptops and servers) bf16 linears stay
-    plain `nn.Linear`s (ATen's own bf16 path), unfused."""
-    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or cpu_kernels.available() or onednn_packs_bf16()
+    return layout(dtype) is not None
 
 
 def onednn_packs_bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def widens(t: torch.Tensor) -> bool:
+    """t is a bf16 CPU tensor on a CPU without bf16 arithmetic ("widened" layout): its products are faster in
+    float32 there (ATen's bf16 batched matmul ran 46x, its bf16 convolution ~6x slower than float32's)."""
+    return t.dtype == torch.bfloat16 and t.is_cpu and layout(torch.bfloat16) == "widened"
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; for `widens` tensors in float32, rounded once to bf16 (ATen's bf16 path sums in float32 too)."""
+    return (a.float() @ b.float()).to(a.dtype) if widens(a) else a @ b
+
+
+# Up to this many rows, "widened" products run on `cpu_kernels.widening_linear` (or ATen's bf16 matrix-vector
+# path); beyond, widening the whole weight once and a float32 GEMM is faster (8.75 s -> ~1.6 s for a 463M bf16
+# prefill on a 2-core AVX2 machine, where ATen's bf16 GEMM ran at 14 GFLOP/s).
+WIDENED_FEW_ROWS = 16
 
 
 class PackedLinear(nn.Module):
@@ -31,7 +57,9 @@ class PackedLinear(nn.Module):
 
     Where the CPU has AVX-512 BF16, this project's kernel (`cpu_kernels`): decoding reads bf16 weights up to ~20%
     and float32 weights ~40% faster than oneDNN, prefill runs about as fast; bf16 results equal oneDNN's bit for
-    bit, float32 ones differ by rounding only. Otherwise oneDNN's blocked layout: plain
+    bit, float32 ones differ by rounding only. On CPUs without bf16 arithmetic in either (AVX2 only), bf16 weights
+    stay plain and are computed in float32 ("widened": `layout`), within a rounding of ATen's bf16 results.
+    Otherwise oneDNN's blocked layout: plain
     `F.linear` re-arranges the weight on every call for bf16 and goes through MKL for float32, which runs its
     slower generic path on this (AMD, AVX-512) CPU; the prepacked oneDNN kernel was measured 1.4-1.7x faster for
     decoding and ~2x for float32 prefill. The state dict holds the plain weight (unpacked on save, repacked on
@@ -46,16 +74,21 @@ class PackedLinear(nn.Module):
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
         weight = weight.detach()
-        if not packable(weight.dtype):
-            raise ValueError(f"cannot pack a {weight.dtype} weight on this CPU (see packing.packable); keep the nn.Linear")
-        if cpu_kernels.available():
+        kind = layout(weight.dtype)
+        if kind is None:
+            raise ValueError(f"cannot pack a {weight.dtype} weight on this CPU (see packing.layout); keep the nn.Linear")
+        if kind == "kernel":
             return cpu_kernels.pack(weight)
+        if kind == "widened":
+            return weight.contiguous()
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
 
     def dense_weight(self) -> torch.Tensor:
         """The plain [out, in] weight."""
         if self.weight.is_mkldnn:
             return self.weight.to_dense()
+        if self.weight.dim() == 2:  # widened
+            return self.weight
         return cpu_kernels.unpack(self.weight, self.out_features, self.in_features)
 
     @staticmethod
@@ -68,9 +101,11 @@ class PackedLinear(nn.Module):
         weight, bias = self.weight, self.bias  # (one lookup each: a decoding step runs ~80 of these)
         if x.dtype != weight.dtype:  # mixed-dtype callers get the plain path
             return F.linear(x, self.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
-        if not weight.is_mkldnn:
-            return cpu_kernels.linear(x, weight, bias, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if weight.dim() == 2:
+            return widened_linear(x, weight, bias)
+        return cpu_kernels.linear(x, weight, bias, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         destination[prefix + "weight"] = self.dense_weight()
@@ -95,9 +130,19 @@ class PackedLinear(nn.Module):
         return self.weight.dtype
 
     def extra_repr(self) -> str:
-        kernel = "oneDNN-packed" if self.weight.is_mkldnn else "kernel-packed"
+        kernel = ("oneDNN-packed" if self.weight.is_mkldnn else "widened to float32" if self.weight.dim() == 2
+                  else "kernel-packed")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{kernel} {str(self.dtype).removeprefix('torch.')}")
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) for a plain bf16 weight in float32 arithmetic, rounded once to bf16 (the "widened" layout)."""
+    if x.numel() <= WIDENED_FEW_ROWS * weight.shape[1]:
+        if cpu_kernels.widening_available():
+            return cpu_kernels.widening_linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # ATen's bf16 matrix-vector path: float32 sums as well
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 class PackedOutput(PackedLinear):

@@ -1,0 +1,135 @@
+// y = x W^T (+ b) for a few rows of x on CPUs with AVX2 and FMA but no AVX-512: the decoding step's products
+// for bf16 weights kept in their plain [N, K] layout. A separate extension (built with -mavx2 only:
+// the main one is compiled for AVX-512 throughout and would fault here).
+//
+// Why: on such CPUs (most laptops, AMD Zen 2/3 servers) oneDNN has no bf16 matmul and ATen's bf16 matrix-vector
+// product reads the weights at about half the streaming rate; decoding is bound by that read. Here every output
+// feature's weight row is read once, front to back, widened to float32 in registers and met by x in FMAs.
+// Several rows of x (batched decoding) re-read each weight row from L1. Prefill-sized products do not come here
+// (`packing.PackedLinear` widens the weight and uses float32 GEMM).
+//
+// Arithmetic: float32. Output o sums x[k] * W[o, k] in 16 lanes (one per k mod 16), the lanes added at the end,
+// then the bias in float32, rounded once to x's dtype (round to nearest even). Not the bits of ATen's bf16 path
+// (its summation order is its own): equal to a float64 product within float32 summation error and one rounding.
+// The eight lanes of each sum are added in a fixed tree, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kAhead = 4;  // software prefetch this many weight rows ahead
+
+// 16 bf16 weights from k on as float32: the even ones (k, k+2, ..) and the odd ones. Shifting and masking stay
+// within 32-bit lanes (one cheap op each); widening in order (vpmovzxwd) ran at half the rate. x is stored in the
+// same even/odd order (`deinterleave`), so each product still meets its own x.
+inline void widen(const uint16_t* w, __m256& even, __m256& odd) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline float scalar(uint16_t w) {
+  uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// x (float32, k values) → per block of 16: its 8 even then its 8 odd values; the tail (k mod 16) as it is.
+void deinterleave(const float* x, int64_t k, float* out) {
+  const int64_t body = k - k % 16;
+  for (int64_t b = 0; b < body; b += 16) {
+    for (int64_t i = 0; i < 8; ++i) {
+      out[b + i] = x[b + 2 * i];
+      out[b + 8 + i] = x[b + 2 * i + 1];
+    }
+  }
+  for (int64_t i = body; i < k; ++i) out[i] = x[i];
+}
+
+inline float horizontal_sum(__m256 a, __m256 b) {
+  __m256 s = _mm256_add_ps(a, b);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// One output: x (deinterleaved, k values) . W[o]. Rows are read one at a time, front to back: four rows
+// interleaved (fewer x loads) streamed from memory ~20% slower here.
+float dot_row(const float* x, const uint16_t* w, int64_t k) {
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  const int64_t body = k - k % 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i + kAhead * k), _MM_HINT_T0);
+    __m256 a, b;
+    widen(w + i, a, b);
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), a, even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), b, odd);
+  }
+  float s = horizontal_sum(even, odd);
+  for (int64_t i = body; i < k; ++i) s += x[i] * scalar(w[i]);
+  return s;
+}
+
+template <typename T>
+void run(const at::Tensor& x, const uint16_t* weight, const float* bias, int64_t n, at::Tensor& y) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  std::vector<float> order(m * k);
+  for (int64_t row = 0; row < m; ++row) deinterleave(xf.data_ptr<float>() + row * k, k, order.data() + row * k);
+  const float* xs = order.data();
+  T* ys = reinterpret_cast<T*>(y.data_ptr());
+  at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t row = 0; row < m; ++row) {  // several rows re-read W[o] from L1
+        const float v = dot_row(xs + row * k, weight + o * k, k);
+        ys[row * n + o] = static_cast<T>(bias == nullptr ? v : v + bias[o]);  // BFloat16(float): nearest even
+      }
+    }
+  });
+}
+
+at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "widening_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "widening_linear: weight must be a contiguous [N, K]");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "widening_linear: weight must be bfloat16, got ",
+              weight.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
+              "widening_linear: input must be bfloat16 or float32, got ", input.scalar_type());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(input.size(-1) == k, "widening_linear: input has ", input.size(-1), " features, weight ", k);
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n, "widening_linear: bias has ", bias->numel(), " values for ", n, " outputs");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = n;
+  const at::Tensor x = input.reshape({-1, k});
+  at::Tensor y = at::empty({x.size(0), n}, input.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  if (input.scalar_type() == at::kBFloat16) {
+    run<c10::BFloat16>(x, w, bp, n, y);
+  } else {
+    run<float>(x, w, bp, n, y);
+  }
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(idefics, m) {
+  m.def("widening_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(idefics, CPU, m) { m.impl("widening_linear", &widening_linear); }
