@@ -47,8 +47,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # Up to this many rows, "widened" products run on `cpu_kernels.widening_linear` (or ATen's bf16 matrix-vector
-# path); beyond, widening the whole weight once and a float32 GEMM is faster (8.75 s -> ~1.6 s for a 463M bf16
-# prefill on a 2-core AVX2 machine, where ATen's bf16 GEMM ran at 14 GFLOP/s).
+# path); beyond, widening the whole weight once and a float32 GEMM is faster (with `matmul` below: a 463M bf16
+# prefill 8.75 s -> 2.2-3.0 s on a 2-core AVX2 machine, where ATen's bf16 GEMM ran at 14 GFLOP/s).
 WIDENED_FEW_ROWS = 16
 
 
