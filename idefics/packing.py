@@ -46,6 +46,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() @ b.float()).to(a.dtype) if widens(a) else a @ b
 
 
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) (a vision patch embedding); for `widens` weights in float32, rounded once to bf16."""
+    if not widens(conv.weight):
+        return conv(x)
+    bias = None if conv.bias is None else conv.bias.float()
+    out = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.to(conv.weight.dtype)
+
+
 # Up to this many rows, "widened" products run on `cpu_kernels.widening_linear` (or ATen's bf16 matrix-vector
 # path); beyond, widening the whole weight once and a float32 GEMM is faster (with `matmul` below: a 463M bf16
 # prefill 8.75 s -> 2.2-3.0 s on a 2-core AVX2 machine, where ATen's bf16 GEMM ran at 14 GFLOP/s).

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .packing import widens
+from .packing import conv2d
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -42,12 +42,7 @@ class VisionEmbeddings(nn.Module):
         height, width = pixel_values.shape[-2:]
         if (height, width) != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
-        weight = self.patch_embedding.weight
-        pixels = pixel_values.to(weight.dtype)
-        if widens(weight):  # no bf16 arithmetic on this CPU: the convolution in float32, rounded once
-            patches = F.conv2d(pixels.float(), weight.float(), stride=self.patch_size).to(weight.dtype)
-        else:
-            patches = self.patch_embedding(pixels)
+        patches = conv2d(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # [N, patches, dim]
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)

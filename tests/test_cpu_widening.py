@@ -124,3 +124,20 @@ def test_widened_model_keeps_greedy_tokens_and_state_dict(widened, folder, image
     save_model(load_model(folder, dtype="bfloat16", pack=True), tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved", dtype="bfloat16").state_dict()
     assert all(torch.equal(t, plain.state_dict()[k]) for k, t in reloaded.items())
+
+
+def test_widened_matmul_and_patch_convolution_within_one_rounding(widened):
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 64, 96, generator=gen).bfloat16(), torch.randn(4, 96, 321, generator=gen).bfloat16()
+    got = packing.matmul(a, b)
+    exact = a.double() @ b.double()
+    spacing = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=2.0**-100))) - 7)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= spacing / 2 + 96 * 2.0**-24 * (a.double().abs() @ b.double().abs())).all()
+    conv = torch.nn.Conv2d(3, 32, 14, stride=14).bfloat16()
+    pixels = torch.randn(2, 3, 56, 56, generator=gen).bfloat16()
+    got = packing.conv2d(conv, pixels)
+    exact = F.conv2d(pixels.double(), conv.weight.double(), conv.bias.double(), stride=14)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert (got.double() - exact).abs().max() <= exact.abs().max() * 2.0**-7
+    assert torch.equal(packing.conv2d(conv.float(), pixels.float()), conv.float()(pixels.float()))  # not widened
