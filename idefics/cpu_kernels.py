@@ -113,11 +113,13 @@ AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 def widening_available() -> bool:
-    """True where the main kernel is not used but the CPU has AVX2 and FMA (most laptops, AMD Zen 2/3): bf16
-    products of a few rows run on `csrc/avx2.cpp` (a separate, smaller extension built for AVX2 only), bf16
-    weights widened to float32 in registers. Decided once per process; a failed build warns once."""
+    """True where neither the main kernel nor oneDNN has bf16 arithmetic but the CPU has AVX2 and FMA (most
+    laptops, AMD Zen 2/3): bf16 products of a few rows run on `csrc/avx2.cpp` (a separate, smaller extension built
+    for AVX2 only), bf16 weights widened to float32 in registers. Decided once per process; a failed build warns
+    once."""
     if "widening" not in _state:
         ok = (not cpu_supported() and {"avx2", "fma"} <= cpu_flags() and not disabled()
+              and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
               and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
         if ok:
             try:
