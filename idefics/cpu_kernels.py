@@ -141,13 +141,15 @@ def _build_avx2() -> None:
         load(name="idefics_avx2_kernels", sources=[str(p) for p in AVX2_SOURCES], extra_cflags=AVX2_FLAGS,
              extra_ldflags=LDFLAGS, is_python_module=False)
         torch.library.register_fake("idefics::widening_linear")(
-            lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
+            lambda x, w, b, s=None: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
-def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K] (+ bias), in float32, rounded once to x's
-    dtype (`csrc/avx2.cpp`). For a few rows: each row re-reads the weights from L1."""
-    return torch.ops.idefics.widening_linear(x, weight, bias)
+def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K], or an int8 one times its per-output `scale`
+    (+ bias), in float32, rounded once to x's dtype (`csrc/avx2.cpp`). For a few rows: each row re-reads the
+    weights from L1."""
+    return torch.ops.idefics.widening_linear(x, weight, bias, scale)
 
 
 def uses_amx() -> bool:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .packing import (FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused, pack_converters,
-                      unfuse)
+from .packing import (WIDENED_FEW_ROWS, FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused,
+                      pack_converters, unfuse)
 
 MODES = ("int8", "int4")
 # Parameter-name prefixes of the quantized parts: IDEFICS decoder + cross-attention, Idefics2's Mistral decoder.
@@ -90,6 +90,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
         if self.packed:
             out = cpu_kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
+        elif flat.device.type == "cpu" and flat.shape[0] <= WIDENED_FEW_ROWS and cpu_kernels.widening_available():
+            out = cpu_kernels.widening_linear(flat, self.weight, None, self.scales)  # AVX2: ~2x the rate below
         elif flat.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
         else:  # other devices: dequantize on the fly

@@ -15,6 +15,7 @@ import idefics
 from idefics import cpu_kernels, packing
 from idefics.checkpoint import load_model, save_model
 from idefics.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
+from idefics.quantize import Int8Linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.widening_available(),
                                   reason="needs an AVX2 CPU without AVX-512 BF16 (and IDEFICS_CPU_KERNELS on)")
@@ -47,6 +48,21 @@ def test_kernel_within_one_rounding(m, n, k, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 1024), (3, 37, 1029), (16, 64, 11008), (1, 3, 7)])
+def test_kernel_int8_weights_within_one_rounding(m, n, k):
+    gen = torch.Generator().manual_seed(m + n + k)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(n, generator=gen) / 100, torch.randn(m, k, generator=gen).bfloat16()
+    got = cpu_kernels.widening_linear(x, q, None, scales)
+    exact = (x.double() @ q.double().T) * scales.double()
+    spacing = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=2.0**-100))) - 7)
+    summed = k * 2.0**-24 * (x.double().abs() @ q.double().abs().T) * scales.double()
+    assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= spacing / 2 + 2 * summed + 1e-30).all()
+    layer = Int8Linear.from_rows(q, scales)  # the quantized layer takes this path for few rows here
+    assert torch.equal(layer(x), got)
+
+
+@needs_kernel
 def test_kernel_bits_do_not_depend_on_threads_or_batch():
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(300, 2050, generator=gen).bfloat16(), torch.randn(3, 5, 2050, generator=gen).bfloat16()
@@ -67,8 +83,10 @@ def test_kernel_names_bad_input():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="input has 9 features, weight 8"):
         cpu_kernels.widening_linear(torch.zeros(1, 9, dtype=torch.bfloat16), w, None)
-    with pytest.raises(RuntimeError, match="weight must be bfloat16"):
+    with pytest.raises(RuntimeError, match="weight must be bfloat16 or int8"):
         cpu_kernels.widening_linear(torch.zeros(1, 8), w.float(), None)
+    with pytest.raises(RuntimeError, match="int8 weights need their per-output scales"):
+        cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), None)
     with pytest.raises(RuntimeError, match="bias has 3 values for 4 outputs"):
         cpu_kernels.widening_linear(torch.zeros(1, 8, dtype=torch.bfloat16), w, torch.zeros(3))
 

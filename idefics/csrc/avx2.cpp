@@ -1,5 +1,6 @@
 // y = x W^T (+ b) for a few rows of x on CPUs with AVX2 and FMA but no AVX-512: the decoding step's products
-// for bf16 weights kept in their plain [N, K] layout. A separate extension (built with -mavx2 only:
+// for bf16 weights, or int8 ones with a float32 scale per output (multiplied before the bias), kept in their plain
+// [N, K] layout. A separate extension (built with -mavx2 only:
 // the main one is compiled for AVX-512 throughout and would fault here).
 //
 // Why: on such CPUs (most laptops, AMD Zen 2/3 servers) oneDNN has no bf16 matmul and ATen's bf16 matrix-vector
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,6 +38,13 @@ inline void widen(const uint16_t* w, __m256& even, __m256& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
+// 16 int8 weights (weight-only quantization) from k on as float32, in order (x is not reordered for them).
+inline void widen(const int8_t* w, __m256& lo, __m256& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+inline float scalar(int8_t w) { return static_cast<float>(w); }
 inline float scalar(uint16_t w) {
   uint32_t bits = static_cast<uint32_t>(w) << 16;
   float f;
@@ -63,9 +72,10 @@ inline float horizontal_sum(__m256 a, __m256 b) {
   return _mm_cvtss_f32(q);
 }
 
-// One output: x (deinterleaved, k values) . W[o]. Rows are read one at a time, front to back: four rows
-// interleaved (fewer x loads) streamed from memory ~20% slower here.
-float dot_row(const float* x, const uint16_t* w, int64_t k) {
+// One output: x (deinterleaved for bf16 weights, k values) . W[o]. Rows are read one at a time, front to back:
+// four rows interleaved (fewer x loads) streamed from memory ~20% slower here.
+template <typename W>
+float dot_row(const float* x, const W* w, int64_t k) {
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
   const int64_t body = k - k % 16;
   for (int64_t i = 0; i < body; i += 16) {
@@ -80,29 +90,35 @@ float dot_row(const float* x, const uint16_t* w, int64_t k) {
   return s;
 }
 
-template <typename T>
-void run(const at::Tensor& x, const uint16_t* weight, const float* bias, int64_t n, at::Tensor& y) {
+template <typename W, typename T>
+void run(const at::Tensor& x, const W* weight, const float* scale, const float* bias, int64_t n, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  std::vector<float> order(m * k);
-  for (int64_t row = 0; row < m; ++row) deinterleave(xf.data_ptr<float>() + row * k, k, order.data() + row * k);
+  std::vector<float> order(xf.data_ptr<float>(), xf.data_ptr<float>() + m * k);
+  if (std::is_same_v<W, uint16_t>) {
+    for (int64_t row = 0; row < m; ++row) deinterleave(xf.data_ptr<float>() + row * k, k, order.data() + row * k);
+  }
   const float* xs = order.data();
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       for (int64_t row = 0; row < m; ++row) {  // several rows re-read W[o] from L1
-        const float v = dot_row(xs + row * k, weight + o * k, k);
+        float v = dot_row(xs + row * k, weight + o * k, k);
+        if (scale != nullptr) v *= scale[o];
         ys[row * n + o] = static_cast<T>(bias == nullptr ? v : v + bias[o]);  // BFloat16(float): nearest even
       }
     }
   });
 }
 
-at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "widening_linear: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "widening_linear: weight must be a contiguous [N, K]");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "widening_linear: weight must be bfloat16, got ",
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || int8, "widening_linear: weight must be bfloat16 or int8, got ",
               weight.scalar_type());
+  TORCH_CHECK(int8 == scale.has_value(), "widening_linear: int8 weights need their per-output scales (and only they)");
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
               "widening_linear: input must be bfloat16 or float32, got ", input.scalar_type());
   const int64_t n = weight.size(0), k = weight.size(1);
@@ -117,11 +133,19 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
   const at::Tensor x = input.reshape({-1, k});
   at::Tensor y = at::empty({x.size(0), n}, input.options());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  if (input.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(x, w, bp, n, y);
+  at::Tensor sc;
+  if (int8) {
+    TORCH_CHECK(scale->numel() == n, "widening_linear: ", scale->numel(), " scales for ", n, " outputs");
+    sc = scale->to(at::kFloat).contiguous();
+  }
+  const float* sp = int8 ? sc.data_ptr<float>() : nullptr;
+  const bool bf16_out = input.scalar_type() == at::kBFloat16;
+  if (int8) {
+    const auto* w = weight.data_ptr<int8_t>();
+    bf16_out ? run<int8_t, c10::BFloat16>(x, w, sp, bp, n, y) : run<int8_t, float>(x, w, sp, bp, n, y);
   } else {
-    run<float>(x, w, bp, n, y);
+    const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+    bf16_out ? run<uint16_t, c10::BFloat16>(x, w, sp, bp, n, y) : run<uint16_t, float>(x, w, sp, bp, n, y);
   }
   return y.view(shape);
 }
@@ -129,7 +153,7 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(idefics, m) {
-  m.def("widening_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("widening_linear(Tensor input, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(idefics, CPU, m) { m.impl("widening_linear", &widening_linear); }
