@@ -179,13 +179,13 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7, kernel: bool = F
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest CPU matmul path for `dtype` (plain `F.linear`, oneDNN with a prepacked weight, this
-    project's bf16 kernel, or bf16 widened to float32 where the CPU has no bf16 arithmetic) on a square product large enough to be compute-bound: the ceiling for prefill, which
-    is almost all matmuls."""
+    project's bf16 kernel, or bf16 widened to float32 where the CPU has no bf16 arithmetic) on a square product
+    large enough to be compute-bound: the ceiling for prefill, which is almost all matmuls."""
     from idefics import cpu_kernels, packing
 
     x, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     paths = [lambda: torch.nn.functional.linear(x, w)]
-    if torch.backends.mkldnn.is_available() and (dtype != torch.bfloat16 or packing.onednn_packs_bf16()):
+    if torch.backends.mkldnn.is_available() and (dtype != torch.bfloat16 or cpu_kernels.onednn_has_bf16()):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         paths.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     if dtype == torch.bfloat16 and cpu_kernels.available():

@@ -56,6 +56,11 @@ def cpu_supported() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
 
 
+def onednn_has_bf16() -> bool:
+    """oneDNN has bf16 matmuls here (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT): it packs bf16 weights."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def disabled() -> bool:
     return os.environ.get("IDEFICS_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -119,7 +124,7 @@ def widening_available() -> bool:
     once."""
     if "widening" not in _state:
         ok = (not cpu_supported() and {"avx2", "fma"} <= cpu_flags() and not disabled()
-              and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+              and not onednn_has_bf16()
               and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
         if ok:
             try:

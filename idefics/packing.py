@@ -24,15 +24,11 @@ def layout(dtype: torch.dtype) -> str | None:
     onednn = torch.backends.mkldnn.is_available()
     if dtype == torch.float32:
         return "onednn" if onednn else None
-    return "onednn" if onednn and onednn_packs_bf16() else "widened"
+    return "onednn" if onednn and cpu_kernels.onednn_has_bf16() else "widened"
 
 
 def packable(dtype: torch.dtype) -> bool:
     return layout(dtype) is not None
-
-
-def onednn_packs_bf16() -> bool:
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def widens(t: torch.Tensor) -> bool:

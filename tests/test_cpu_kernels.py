@@ -16,15 +16,10 @@ from torch import nn
 
 from idefics import cpu_kernels
 from idefics.packing import PackedLinear
+from rounding import bf16_spacing, within_one_rounding
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
                                 reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
-
-
-def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
-    """Distance between consecutive bf16 values around |x| (8 significant bits)."""
-    exponent = torch.floor(torch.log2(x.abs().clamp(min=2.0**-100)))
-    return 2.0 ** (exponent - 7)
 
 
 def test_kernel_builds_here():
@@ -57,10 +52,9 @@ def test_linear_within_one_rounding_of_float32_arithmetic(m, n, k, bias):
     exact = F.linear(x.float(), w.float(), None if b is None else b.float())
     got = cpu_kernels.linear(x, cpu_kernels.pack(w), b, n)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    # one rounding to bf16 (half a spacing) plus float32 summation error, bounded by k * 2^-24 * sum |x_i w_i|
-    # (the standard dot-product bound; it matters where terms cancel, as AMX's tile order shows: oneDNN errs the same)
-    summation = k * 2.0**-24 * F.linear(x.float().abs(), w.float().abs())
-    assert bool(((got.float() - exact).abs() <= bf16_spacing(exact) / 2 + summation).all())
+    # one rounding to bf16 plus float32 summation error (it matters where terms cancel, as AMX's tile order
+    # shows: oneDNN errs the same)
+    assert within_one_rounding(got.float(), exact, k, F.linear(x.float().abs(), w.float().abs()))
 
 
 def test_linear_keeps_leading_dims_and_handles_empty_input():

@@ -94,11 +94,13 @@ template <typename W, typename T>
 void run(const at::Tensor& x, const W* weight, const float* scale, const float* bias, int64_t n, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  std::vector<float> order(xf.data_ptr<float>(), xf.data_ptr<float>() + m * k);
+  const float* xs = xf.data_ptr<float>();
+  std::vector<float> order;  // bf16 weights meet x in their even/odd order
   if (std::is_same_v<W, uint16_t>) {
-    for (int64_t row = 0; row < m; ++row) deinterleave(xf.data_ptr<float>() + row * k, k, order.data() + row * k);
+    order.resize(m * k);
+    for (int64_t row = 0; row < m; ++row) deinterleave(xs + row * k, k, order.data() + row * k);
+    xs = order.data();
   }
-  const float* xs = order.data();
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
