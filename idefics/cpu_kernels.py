@@ -113,15 +113,18 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.idefics.pack(weight.detach())
 
 
-AVX2_SOURCES = [Path(__file__).parent / "csrc" / "avx2.cpp"]
-AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# The AVX2 extension: its own products (avx2.cpp) and the main extension's norm, rotary, attention and decoding-step
+# ops, compiled to 8-lane code (vec.h); -ffp-contract=off as above (norm_rope.cpp's bits need it).
+AVX2_SOURCES = [Path(__file__).parent / "csrc" / name
+                for name in ("avx2.cpp", "norm_rope.cpp", "attention.cpp", "decoder_layer.cpp")]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 
 def widening_available() -> bool:
     """True where neither the main kernel nor oneDNN has bf16 arithmetic but the CPU has AVX2 and FMA (most
-    laptops, AMD Zen 2/3): bf16 products of a few rows run on `csrc/avx2.cpp` (a separate, smaller extension built
-    for AVX2 only), bf16 weights widened to float32 in registers. Decided once per process; a failed build warns
-    once."""
+    laptops, AMD Zen 2/3): bf16 and int8 products run on `csrc/avx2.cpp` (a separate extension built for AVX2 only;
+    few rows: weights widened to float32 in registers), and so do the fused ops below (`applies`). Decided once per
+    process; a failed build warns once."""
     if "widening" not in _state:
         ok = (not cpu_supported() and {"avx2", "fma"} <= cpu_flags() and not disabled()
               and not onednn_has_bf16()
@@ -151,9 +154,9 @@ def _build_avx2() -> None:
 
 def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K], or an int8 one times its per-output `scale`
-    (+ bias), in float32, rounded once to x's dtype (`csrc/avx2.cpp`). For a few rows: each row re-reads the
-    weights from L1."""
+    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K] (+ bias), or an int8 one times its per-output
+    `scale`, in float32, rounded once to x's dtype (`csrc/avx2.cpp`). Up to 16 rows each re-reads the weight rows
+    from L1; more rows widen the whole weight once for float32 GEMM (int8: torch's kernel, x in bf16)."""
     return torch.ops.idefics.widening_linear(x, weight, bias, scale)
 
 
@@ -173,15 +176,31 @@ def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.ops.idefics.unpack(packed, n, k)
 
 
+def fused_ops_available() -> bool:
+    """The fused ops below are compiled here: in the main extension (AVX-512 BF16) or in the AVX2 one."""
+    return available() or widening_available()
+
+
 def applies(*tensors: torch.Tensor) -> bool:
     """The fused ops below can stand in for the eager code: kernels available, every tensor float32 or bf16 on the
     CPU, and no gradient wanted (they have no backward; training keeps the eager ops)."""
-    if not _state.get("ok", True) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     for t in tensors:
         if t.dtype not in _FUSED_DTYPES or not t.is_cpu:
             return False
-    return available()
+    return fused_ops_available()
+
+
+def takes_step_weight(weight: torch.Tensor) -> bool:
+    """The decoding steps' products (`decoder_layer_step`, `gated_cross_attention_step`) take this weight as it is
+    stored: the main kernel's panels ([N/64, K/2, 64, 2] or [N/64, K, 64, 1]: `pack`), or, on the AVX2
+    extension, a plain bf16 or int8 [N, K] ("widened" layout) or a float32 one packed by oneDNN."""
+    if available():
+        return not weight.is_mkldnn and weight.dim() == 4
+    if weight.is_mkldnn:  # float32 on oneDNN: the AVX2 extension's steps call oneDNN's op, as `PackedLinear` does
+        return weight.dtype == torch.float32 and widening_available()
+    return weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.int8) and widening_available()
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -192,7 +211,7 @@ def _op(name: str):
     """`torch.ops.idefics.<name>.default`, looked up once (building the kernels if needed)."""
     op = _ops.get(name)
     if op is None:
-        build()
+        build() if available() or not widening_available() else _build_avx2()
         op = _ops[name] = getattr(torch.ops.idefics, name).default
     return op
 

@@ -136,7 +136,7 @@ def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: 
     int8 = scales[0] is not None
     weight_dtype = torch.int8 if int8 else x.dtype
     tensors = (input_norm.weight, post_norm.weight, *others)
-    if (all(w is not None and w.dtype == weight_dtype and not w.is_mkldnn and w.dim() == 4 for w in weights)
+    if (all(w is not None and w.dtype == weight_dtype and cpu_kernels.takes_step_weight(w) for w in weights)
             and all(getattr(m, "bias", None) is None and (s is not None) == int8 for m, s in zip(linears, scales))
             and (not int8 or x.dtype == torch.bfloat16)
             and input_norm.eps == post_norm.eps and x.shape[-1] >= 8 and all(t.dtype == x.dtype for t in tensors)

@@ -143,9 +143,9 @@ class PackedLinear(nn.Module):
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) for a plain bf16 weight in float32 arithmetic, rounded once to bf16 (the "widened" layout)."""
+    if cpu_kernels.widening_available():  # as below, few rows on its own row kernel (csrc/avx2.cpp)
+        return cpu_kernels.widening_linear(x, weight, bias)
     if x.numel() <= WIDENED_FEW_ROWS * weight.shape[1]:
-        if cpu_kernels.widening_available():
-            return cpu_kernels.widening_linear(x, weight, bias)
         return F.linear(x, weight, bias)  # ATen's bf16 matrix-vector path: float32 sums as well
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 

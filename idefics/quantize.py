@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .packing import (WIDENED_FEW_ROWS, FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused,
+from .packing import (FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused,
                       pack_converters, unfuse)
 
 MODES = ("int8", "int4")
@@ -90,8 +90,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
         if self.packed:
             out = cpu_kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
-        elif flat.device.type == "cpu" and flat.shape[0] <= WIDENED_FEW_ROWS and cpu_kernels.widening_available():
-            out = cpu_kernels.widening_linear(flat, self.weight, None, self.scales)  # AVX2: ~2x the rate below
+        elif flat.device.type == "cpu" and cpu_kernels.widening_available():  # AVX2: few rows ~2x the rate below
+            out = cpu_kernels.widening_linear(flat, self.weight, None, self.scales)
         elif flat.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
         else:  # other devices: dequantize on the fly
@@ -160,12 +160,20 @@ class FusedInt8Linear(FusedRows, Int8Linear):
         return Int8Linear.from_rows(state["weight"], state["scales"].clone())
 
 
+def fuses_int8() -> bool:
+    """int8 siblings are fused here: a compiled decoding step takes their fused weight (`cpu_kernels`: the main
+    kernel's panels, or the plain rows on the AVX2 extension)."""
+    return cpu_kernels.available() or cpu_kernels.widening_available()
+
+
 def fuse_int8(model: nn.Module) -> nn.Module:
-    """In place: every q/k/v or gate/up group whose layers are all kernel-packed `Int8Linear`s becomes one
-    `FusedInt8Linear` (`qkv_proj` / `gate_up_proj`) with `FusedPart`s in their place."""
+    """In place: every q/k/v or gate/up group whose layers are all CPU `Int8Linear`s becomes one `FusedInt8Linear`
+    (`qkv_proj` / `gate_up_proj`) with `FusedPart`s in their place, where `fuses_int8`."""
+    if not fuses_int8():
+        return model
     for _, module, names, fused_name in fusable_groups(model):
         parts = [getattr(module, n, None) for n in names]
-        if all(type(p) is Int8Linear and p.packed for p in parts):
+        if all(type(p) is Int8Linear and p.weight.device.type == "cpu" for p in parts):
             install_fused(module, names, fused_name, FusedInt8Linear([(p.int8_weight(), p.scales) for p in parts]))
     return model
 
@@ -220,7 +228,7 @@ def weight_converters(model: nn.Module, quantize: str | None, pack: bool, dtype:
     if mode is not None:
         for name in target_linears(model):
             out[f"{name}.weight"] = (name, lambda w, m=mode: quantize_weight(w, m))
-    if mode == "int8" and pack and cpu_kernels.available():  # int8 siblings fused, as `fuse_int8` does
+    if mode == "int8" and pack and fuses_int8():  # int8 siblings fused, as `fuse_int8` does
         for name, module, names, fused_name in fusable_groups(model):
             keys = [f"{name}.{n}.weight" for n in names]
             if all(key in out for key in keys):

@@ -16,8 +16,8 @@ from idefics.cross_attention import GatedCrossAttentionLayer
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, attention
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
-                                reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
+pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+                                reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
 def sdpa32(q, k, v, mask):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from idefics import cpu_kernels
 from idefics.layers import KVCache, RMSNorm, RotaryEmbedding, apply_rotary
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
-                                reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
+pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+                                reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
 def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

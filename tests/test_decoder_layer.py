@@ -19,8 +19,8 @@ from idefics.layers import KVCache, RotaryEmbedding
 from idefics.packing import pack_for_cpu
 from idefics.quantize import FusedInt8Linear, Int8Linear, fuse_int8, replace_module
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
-                                reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
+pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+                                reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
 def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.dtype, seed: int,

@@ -72,14 +72,14 @@ def test_fused_linears_give_each_part_and_keep_its_state_dict(dtype):
 
 
 def test_quantizing_a_fused_model_unfuses_first(folder):
-    """The float fused layers are split, each part quantized; where the kernel runs, the int8 siblings are fused
-    again (`FusedInt8Linear`), keeping each part's keys and values."""
-    from idefics.quantize import FusedInt8Linear, Int8Linear, quantize_model
+    """The float fused layers are split, each part quantized; where a compiled decoding step takes them (either CPU
+    extension), the int8 siblings are fused again (`FusedInt8Linear`), keeping each part's keys and values."""
+    from idefics.quantize import FusedInt8Linear, Int8Linear, fuses_int8, quantize_model
 
     model = quantize_model(load_model(folder, pack=True), "int8")
     attn = model.model.layers[0].self_attn
     assert not any(isinstance(m, FusedLinear) for m in model.modules())
-    if cpu_kernels.available():
+    if fuses_int8():
         assert isinstance(attn.qkv_proj, FusedInt8Linear) and isinstance(attn.q_proj, FusedPart)
     else:
         assert isinstance(attn.q_proj, Int8Linear) and not hasattr(attn, "qkv_proj")

@@ -11,11 +11,10 @@ from torch import nn
 import idefics
 from idefics.checkpoint import load_model
 from idefics.cli import build_parser
-from idefics import cpu_kernels
 from idefics.layers import SwiGLU, run_together
 from idefics.packing import FusedPart, unfuse
-from idefics.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, quantize_model, quantize_rows,
-                              quantized_bytes, target_linears)
+from idefics.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, fuses_int8, quantize_model,
+                              quantize_rows, quantized_bytes, target_linears)
 
 
 def int4_dequantized(module: Int4Linear, weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +66,7 @@ def test_fused_int8_gives_each_part_and_keeps_its_state_dict():
     assert torch.equal(parts[1](x), alone[2](x)) and torch.equal(parts[0](x), alone[0](x))
     with pytest.raises(RuntimeError, match="scales"):
         parts[2].load_state_dict({"weight": alone[2].state_dict()["weight"]})
-    if cpu_kernels.available():  # fuse_int8 fuses packed layers only
+    if fuses_int8():  # fuse_int8 fuses only where a compiled decoding step takes fused int8 weights
         before = {k: v.clone() for k, v in holder.state_dict().items()}
         fuse_int8(holder)
         assert isinstance(holder.block.gate_up_proj, FusedInt8Linear)
@@ -119,7 +118,7 @@ def test_quantize_while_loading_equals_quantize_after(folder, images):
     streamed = load_model(folder, dtype="bfloat16", quantize="int8", pack=True)  # as idefics.load loads
     after = quantize_model(load_model(folder, dtype="bfloat16"), "int8")
     assert streamed.quantization == "int8"
-    fused = cpu_kernels.available()  # int8 q/k/v and gate/up fused while loading, as quantize_model fuses them
+    fused = fuses_int8()  # int8 q/k/v and gate/up fused while loading, as quantize_model fuses them
     assert isinstance(getattr(streamed.model.layers[0].self_attn, "qkv_proj", None), FusedInt8Linear) == fused
     assert isinstance(getattr(streamed.model.layers[0].mlp, "gate_up_proj", None), FusedInt8Linear) == fused
     a, b = streamed.state_dict(), after.state_dict()

@@ -30,25 +30,19 @@
 
 namespace {
 
-using idefics::vec::Vec;
+namespace vec = idefics::vec;
+using vec::kLanes;
+using vec::Vec;
 
 // exp(x) for x <= 0 (scores minus their maximum), ~1 ulp: 2^n * e^r with |r| <= ln2/2 and a degree-7
 // Taylor polynomial; 0 below -87.3 (where float32 leaves its normal range) and for -inf.
-__m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 result = _mm512_scalef_ps(p, n);
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), result);
+vec::F exp_nonpositive(vec::F x) {
+  const vec::F n = vec::round_nearest(vec::mul(x, vec::set1(1.44269504088896341f)));
+  vec::F r = vec::fnmadd(n, vec::set1(0.693359375f), x);
+  r = vec::fnmadd(n, vec::set1(-2.12194440e-4f), r);
+  vec::F p = vec::set1(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = vec::fmadd(p, r, vec::set1(c));
+  return vec::zero_unless_at_least(x, -87.3f, vec::times_pow2(p, n));
 }
 
 // Keys or values of one batch row: the d values of position j, kv head g at base + j * pos + g * head.
@@ -78,14 +72,14 @@ template <typename T>
 void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t g0, int64_t g1, int64_t group, int64_t length,
                 int64_t d, const bool* hidden, const float* add, float scale, T* out, std::vector<float>& scores,
                 std::vector<float>& acc) {
-  const int64_t heads = (g1 - g0) * group, vectors = d / 16;
+  const int64_t heads = (g1 - g0) * group, vectors = d / kLanes;
   k.base += g0 * k.head;  // kv head g0 is this range's head 0
   v.base += g0 * v.head;
   const int64_t kv_heads = g1 - g0;
   scores.assign(static_cast<size_t>(heads * length), 0.0f);
   acc.assign(static_cast<size_t>(heads * d), 0.0f);
   std::vector<float> qf(static_cast<size_t>(heads * d));
-  for (int64_t i = 0; i < heads * d; i += 16) Vec<float>::store(qf.data() + i, Vec<T>::load(q + i));
+  for (int64_t i = 0; i < heads * d; i += kLanes) Vec<float>::store(qf.data() + i, Vec<T>::load(q + i));
   const float minus_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < length; j++) {  // scores, position by position
     if (j + kPrefetchPositions < length) k.prefetch(j + kPrefetchPositions, kv_heads, d);
@@ -94,10 +88,10 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t g0, int64_t g1, int64_
       float s = minus_inf;
       if (!off) {
         const T* kj = k.at(j, h / group);
-        __m512 sum = _mm512_setzero_ps();
+        vec::F sum = vec::zero();
         for (int64_t c = 0; c < vectors; c++)
-          sum = _mm512_fmadd_ps(Vec<float>::load(qf.data() + h * d + 16 * c), Vec<T>::load(kj + 16 * c), sum);
-        s = _mm512_reduce_add_ps(sum) * scale;
+          sum = vec::fmadd(Vec<float>::load(qf.data() + h * d + kLanes * c), Vec<T>::load(kj + kLanes * c), sum);
+        s = vec::sum(sum) * scale;
         if (add != nullptr) s += add[j];
       }
       scores[h * length + j] = s;
@@ -108,21 +102,13 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t g0, int64_t g1, int64_
     float* s = scores.data() + h * length;
     float top = minus_inf;
     for (int64_t j = 0; j < length; j++) top = std::max(top, s[j]);
-    __m512 sum = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= length; j += 16) {
-      const __m512 p = exp_nonpositive(_mm512_sub_ps(Vec<float>::load(s + j), _mm512_set1_ps(top)));
-      _mm512_storeu_ps(s + j, p);
-      sum = _mm512_add_ps(sum, p);
+    vec::F sum = vec::zero();
+    for (int64_t j = 0; j < length; j += kLanes) {  // the last vector's missing lanes: exp(-inf) = 0
+      const vec::F p = exp_nonpositive(vec::sub(vec::load_or(s + j, length - j, minus_inf), vec::set1(top)));
+      Vec<float>::store(s + j, p, length - j);
+      sum = vec::add(sum, p);
     }
-    if (j < length) {
-      const __mmask16 rest = static_cast<__mmask16>((1u << (length - j)) - 1u);
-      const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(minus_inf), rest, s + j);
-      const __m512 p = exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top)));
-      _mm512_mask_storeu_ps(s + j, rest, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    total[h] = _mm512_reduce_add_ps(sum);
+    total[h] = vec::sum(sum);
   }
   for (int64_t j = 0; j < length; j++) {  // weighted values, position by position
     if (j + kPrefetchPositions < length) v.prefetch(j + kPrefetchPositions, kv_heads, d);
@@ -132,13 +118,13 @@ void attend_row(const T* q, Rows<T> k, Rows<T> v, int64_t g0, int64_t g1, int64_
       const T* vj = v.at(j, h / group);
       float* a = acc.data() + h * d;
       for (int64_t c = 0; c < vectors; c++)
-        Vec<float>::store(a + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(p), Vec<T>::load(vj + 16 * c),
-                                                      Vec<float>::load(a + 16 * c)));
+        Vec<float>::store(a + kLanes * c, vec::fmadd(vec::set1(p), Vec<T>::load(vj + kLanes * c),
+                                                     Vec<float>::load(a + kLanes * c)));
     }
   }
   for (int64_t h = 0; h < heads; h++)
-    for (int64_t c = 0; c < d; c += 16)
-      Vec<T>::store(out + h * d + c, _mm512_div_ps(Vec<float>::load(acc.data() + h * d + c), _mm512_set1_ps(total[h])));
+    for (int64_t c = 0; c < d; c += kLanes)
+      Vec<T>::store(out + h * d + c, vec::div(Vec<float>::load(acc.data() + h * d + c), vec::set1(total[h])));
 }
 
 }  // namespace

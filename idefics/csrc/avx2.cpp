@@ -1,21 +1,26 @@
-// y = x W^T (+ b) for a few rows of x on CPUs with AVX2 and FMA but no AVX-512: the decoding step's products
-// for bf16 weights, or int8 ones with a float32 scale per output (multiplied before the bias), kept in their plain
-// [N, K] layout. A separate extension (built with -mavx2 only:
-// the main one is compiled for AVX-512 throughout and would fault here).
+// y = x W^T (+ b) on CPUs with AVX2 and FMA but no AVX-512, for bf16 weights, or int8 ones with a float32 scale
+// per output (multiplied before the bias), kept in their plain [N, K] layout; and, as `idefics::linear`, the
+// product the decoding steps of decoder_layer.cpp call. This file is the AVX2 extension's own part: it is built
+// with -mavx2 (the main extension is compiled for AVX-512 throughout and would fault here) together with
+// norm_rope.cpp, attention.cpp and decoder_layer.cpp, which compile to 8-lane code for it (vec.h).
 //
 // Why: on such CPUs (most laptops, AMD Zen 2/3 servers) oneDNN has no bf16 matmul and ATen's bf16 matrix-vector
-// product reads the weights at about half the streaming rate; decoding is bound by that read. Here every output
-// feature's weight row is read once, front to back, widened to float32 in registers and met by x in FMAs.
-// Several rows of x (batched decoding) re-read each weight row from L1. Prefill-sized products do not come here
-// (`packing.PackedLinear` widens the weight and uses float32 GEMM).
+// product reads the weights at about half the streaming rate; decoding is bound by that read. Here, for up to
+// kFewRows rows, every output feature's weight row is read once, front to back, widened to float32 in registers
+// and met by x in FMAs; several rows of x (batched decoding) re-read each weight row from L1. Longer products
+// (prefill) widen the whole weight once and run float32 GEMM (bf16; ATen's bf16 GEMM ran at ~14 GFLOP/s here)
+// or torch's int8 kernel.
 //
 // Arithmetic: float32. Output o sums x[k] * W[o, k] in 16 lanes (one per k mod 16), the lanes added at the end,
 // then the bias in float32, rounded once to x's dtype (round to nearest even). Not the bits of ATen's bf16 path
 // (its summation order is its own): equal to a float64 product within float32 summation error and one rounding.
-// The eight lanes of each sum are added in a fixed tree, so results do not depend on the thread count.
+// The lanes of each sum are added in a fixed tree, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 #include <immintrin.h>
 
@@ -28,7 +33,8 @@
 
 namespace {
 
-constexpr int64_t kAhead = 4;  // software prefetch this many weight rows ahead
+constexpr int64_t kAhead = 4;     // software prefetch this many weight rows ahead
+constexpr int64_t kFewRows = 16;  // up to this many rows on `run` (packing.WIDENED_FEW_ROWS)
 
 // 16 bf16 weights from k on as float32: the even ones (k, k+2, ..) and the odd ones. Shifting and masking stay
 // within 32-bit lanes (one cheap op each); widening in order (vpmovzxwd) ran at half the rate. x is stored in the
@@ -121,6 +127,7 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || int8, "widening_linear: weight must be bfloat16 or int8, got ",
               weight.scalar_type());
   TORCH_CHECK(int8 == scale.has_value(), "widening_linear: int8 weights need their per-output scales (and only they)");
+  TORCH_CHECK(!(int8 && bias.has_value()), "widening_linear: int8 weights take no bias");
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
               "widening_linear: input must be bfloat16 or float32, got ", input.scalar_type());
   const int64_t n = weight.size(0), k = weight.size(1);
@@ -133,13 +140,19 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = n;
   const at::Tensor x = input.reshape({-1, k});
-  at::Tensor y = at::empty({x.size(0), n}, input.options());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor sc;
   if (int8) {
     TORCH_CHECK(scale->numel() == n, "widening_linear: ", scale->numel(), " scales for ", n, " outputs");
     sc = scale->to(at::kFloat).contiguous();
   }
+  if (x.size(0) > kFewRows) {  // prefill-sized: the whole weight widened once, or torch's int8 kernel (bf16 x)
+    const at::Tensor y = int8 ? at::_weight_int8pack_mm(x.to(at::kBFloat16).contiguous(), weight, sc.to(at::kBFloat16))
+                              : at::linear(x.to(at::kFloat), weight.to(at::kFloat), b.defined()
+                                           ? std::optional<at::Tensor>(b) : std::nullopt);
+    return y.to(input.scalar_type()).view(shape);
+  }
+  at::Tensor y = at::empty({x.size(0), n}, input.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = int8 ? sc.data_ptr<float>() : nullptr;
   const bool bf16_out = input.scalar_type() == at::kBFloat16;
   if (int8) {
@@ -153,6 +166,26 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
 }
 
 }  // namespace
+
+namespace idefics {
+
+// decoder_layer.cpp's product in this extension: `packed` is the plain bf16 or int8 weight ("widened" layout), or
+// a float32 one in oneDNN's blocked layout, run as `packing.PackedLinear` runs it (the same op, the same bits).
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t n, int64_t /*chunk*/) {
+  if (packed.is_mkldnn()) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{input, packed, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                            std::optional<std::string>()};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == n, "idefics linear: a plain [", n, ", K] weight, got ",
+              packed.sizes());
+  return widening_linear(input, packed, bias, scale);
+}
+
+}  // namespace idefics
 
 TORCH_LIBRARY_FRAGMENT(idefics, m) {
   m.def("widening_linear(Tensor input, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor");

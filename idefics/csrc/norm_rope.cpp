@@ -29,7 +29,9 @@
 
 namespace {
 
-using idefics::vec::Vec;
+namespace vec = idefics::vec;
+using vec::kLanes;
+using vec::Vec;
 
 int64_t ceil_log2(int64_t x) {
   if (x <= 2) return 1;
@@ -82,19 +84,19 @@ float aten_row_sum(const float* x, int64_t n) {
 template <typename X, typename W>
 void rms_norm_rows(const X* x, const W* w, W* out, int64_t rows, int64_t d, double eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> sq(d + 16);
+    std::vector<float> sq(d + kLanes);
     for (int64_t r = r0; r < r1; r++) {
       const X* xr = x + r * d;
-      for (int64_t i = 0; i < d; i += 16) {
-        const __m512 v = Vec<X>::load(xr + i, d - i);
-        _mm512_storeu_ps(sq.data() + i, _mm512_mul_ps(v, v));
+      for (int64_t i = 0; i < d; i += kLanes) {
+        const vec::F v = Vec<X>::load(xr + i, d - i);
+        vec::storeu(sq.data() + i, vec::mul(v, v));
       }
       const float var = aten_row_sum(sq.data(), d) / static_cast<float>(d);
-      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(var + static_cast<float>(eps)));
-      for (int64_t i = 0; i < d; i += 16) {
+      const vec::F inv = vec::set1(1.0f / std::sqrt(var + static_cast<float>(eps)));
+      for (int64_t i = 0; i < d; i += kLanes) {
         // a half-precision weight: y is cast to it first (RMSNorm.forward), then weight * y in that precision
-        const __m512 y = Vec<W>::round(_mm512_mul_ps(Vec<X>::load(xr + i, d - i), inv));
-        Vec<W>::store(out + r * d + i, _mm512_mul_ps(Vec<W>::load(w + i, d - i), y), d - i);
+        const vec::F y = Vec<W>::round(vec::mul(Vec<X>::load(xr + i, d - i), inv));
+        Vec<W>::store(out + r * d + i, vec::mul(Vec<W>::load(w + i, d - i), y), d - i);
       }
     }
   });
@@ -104,11 +106,11 @@ template <typename T>
 void rotate(const T* x, const T* cos, const T* sin, int64_t d, T* out) {
   const int64_t half = d / 2;
   for (int64_t i = 0, n = 0; i < d; i += n) {
-    n = std::min<int64_t>(16, (i < half ? half : d) - i);  // no vector straddles the two halves
-    const __m512 swapped = Vec<T>::load(x + (i < half ? i + half : i - half), n);
-    const __m512 a = Vec<T>::round(_mm512_mul_ps(Vec<T>::load(x + i, n), Vec<T>::load(cos + i, n)));
-    const __m512 b = Vec<T>::round(_mm512_mul_ps(swapped, Vec<T>::load(sin + i, n)));
-    Vec<T>::store(out + i, _mm512_add_ps(a, b), n);
+    n = std::min<int64_t>(kLanes, (i < half ? half : d) - i);  // no vector straddles the two halves
+    const vec::F swapped = Vec<T>::load(x + (i < half ? i + half : i - half), n);
+    const vec::F a = Vec<T>::round(vec::mul(Vec<T>::load(x + i, n), Vec<T>::load(cos + i, n)));
+    const vec::F b = Vec<T>::round(vec::mul(swapped, Vec<T>::load(sin + i, n)));
+    Vec<T>::store(out + i, vec::add(a, b), n);
   }
 }
 
