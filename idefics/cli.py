@@ -168,7 +168,8 @@ def matmul_kernels(model) -> str:
             kind = ("oneDNN (prepacked)" if module.weight.is_mkldnn else "bf16 widened to float32 (AVX2)"
                     if module.weight.dim() == 2 else "idefics AVX-512 BF16 kernel")
         elif isinstance(module, Int8Linear):
-            kind = "idefics AVX-512 BF16 kernel" if module.packed else "torch int8"
+            kind = ("idefics AVX-512 BF16 kernel" if module.packed else "int8 on the AVX2 kernel"
+                    if cpu_kernels.widening_available() else "torch int8")
         elif isinstance(module, Int4Linear):
             kind = "torch int4"
         elif type(module) is nn.Linear:
@@ -181,7 +182,7 @@ def matmul_kernels(model) -> str:
         tiles = ", bf16 on AMX tiles" if cpu_kernels.uses_amx() else ""
         return f"{used} (compiled ops on {cpu_kernels.parallel_threads()} threads{tiles})"
     if cpu_kernels.widening_available():
-        return used + " (no AVX-512 BF16: bf16 products of few rows on the AVX2 kernel)"
+        return used + " (no AVX-512 BF16: the AVX2 extension runs few-row products and the decoding steps)"
     return used + " (this project's kernel is not used here: no AVX-512 BF16, or off)"
 
 
