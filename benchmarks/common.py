@@ -174,6 +174,10 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7, kernel: bool = F
         packed = torch.ones(rows // 64, 512, 64, 2, dtype=torch.bfloat16)
         v = torch.ones(1, 1024, dtype=torch.bfloat16)
         best = max(best, size_bytes / median_seconds(lambda: cpu_kernels.linear(v, packed, None, rows), repeats))
+    elif kernel and cpu_kernels.widening_available():  # AVX2: the plain bf16 weight, two rows in flight per thread
+        weight = torch.ones(size_bytes // (2 * 1024), 1024, dtype=torch.bfloat16)
+        v = torch.ones(1, 1024, dtype=torch.bfloat16)
+        best = max(best, size_bytes / median_seconds(lambda: cpu_kernels.widening_linear(v, weight, None), repeats))
     return best
 
 

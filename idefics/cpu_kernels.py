@@ -18,8 +18,10 @@ It is compiled on first use with the C++ compiler torch's extension builder find
 lacks AVX-512 BF16, no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `available()` is False
 and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
 and int8 ones equal to rounding, a little slower. On CPUs with AVX2 but no AVX-512 (where oneDNN has no bf16
-matmul either) bf16 weights stay plain and are computed in float32 (`packing.layout` "widened"); a second, small
-extension (`csrc/avx2.cpp`, `widening_available()`) does their few-row products.
+matmul either) bf16 weights stay plain and are computed in float32 (`packing.layout` "widened"), on a second
+extension (`widening_available()`): `csrc/avx2.cpp`'s bf16/int8 products, and the norm, rotary, attention and
+decoding-step ops above compiled for AVX2 (8-lane vectors, `csrc/vec.h`; the same bits where they are bit-exact).
+Only one of the two extensions is ever loaded in a process (they register the same op names).
 """
 
 from __future__ import annotations

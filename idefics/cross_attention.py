@@ -76,7 +76,7 @@ class GatedCrossAttentionLayer(nn.Module):
     def compiled_step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                       gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor | None:
         """One position per row as one C++ op (`cpu_kernels.gated_cross_attention_step`: the operations of
-        `forward` in the same order, so the same bits), where it applies: CPU inference with kernel-packed
+        `forward` in the same order, so the same bits), where it applies: CPU inference with CPU-packed
         projections (float or int8) and the single-query attention kernel. None otherwise."""
         attn = self.cross_attn
         plan = step_plan(plans, (self, kv is None), x, lambda: self._step_arguments(x, kv))

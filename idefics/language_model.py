@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
                       cache: KVCache, layer: int) -> torch.Tensor | None:
         """A decoding step of this layer as one C++ op (`cpu_kernels.decoder_layer_step`: the operations of
         `forward` in the same order, so the same bits, without their Python overhead), where it applies: CPU
-        inference with fused, kernel-packed projections (`packing.pack_for_cpu`; int8: `quantize.fuse_int8`). None
+        inference with fused, CPU-packed projections (`packing.pack_for_cpu`; int8: `quantize.fuse_int8`). None
         otherwise."""
         plan = step_plan(cache.step_plans, self, x, lambda: self._step_arguments(x, rope, cache))
         if plan is None or not (attention_kernel_takes(self.self_attn.head_dim, mask)

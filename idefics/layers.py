@@ -128,9 +128,9 @@ def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: 
                    *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]] | None:
     """The weights and int8 scales of a layer's `linears` as its C++ decoding step takes them
     (`cpu_kernels.decoder_layer_step`, `gated_cross_attention_step`), or None when the step does not apply: the
-    linears all kernel-packed in x's dtype without bias (`packing`), or all kernel-packed int8 (`quantize.Int8Linear`,
-    `FusedInt8Linear`) with x in bf16; the two norms (one eps, at least 8 features) and `others` in x's dtype; the
-    kernels available for all of it."""
+    linears all in x's dtype without bias (`packing`), or all int8 (`quantize.Int8Linear`, `FusedInt8Linear`) with x
+    in bf16, each stored as the step's products take it (`cpu_kernels.takes_step_weight`); the two norms (one eps,
+    at least 8 features) and `others` in x's dtype; the kernels available for all of it."""
     weights = [getattr(m, "weight", None) for m in linears]
     scales = tuple(getattr(m, "scales", None) for m in linears)
     int8 = scales[0] is not None

@@ -51,9 +51,10 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.to(conv.weight.dtype)
 
 
-# Up to this many rows, "widened" products run on `cpu_kernels.widening_linear` (or ATen's bf16 matrix-vector
-# path); beyond, widening the whole weight once and a float32 GEMM is faster (with `matmul` below: a 463M bf16
-# prefill 8.75 s -> 2.2-3.0 s on a 2-core AVX2 machine, where ATen's bf16 GEMM ran at 14 GFLOP/s).
+# Up to this many rows, "widened" products run on ATen's bf16 matrix-vector path where the AVX2 extension is
+# missing (it decides the same split itself); beyond, widening the whole weight once and a float32 GEMM is faster
+# (with `matmul` below: a 463M bf16 prefill 8.75 s -> 2.2-3.0 s on a 2-core AVX2 machine, where ATen's bf16 GEMM
+# ran at 14 GFLOP/s).
 WIDENED_FEW_ROWS = 16
 
 
