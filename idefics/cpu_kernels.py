@@ -159,7 +159,7 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K] (+ bias), or an int8 one times its per-output
     `scale`, in float32, rounded once to x's dtype (`csrc/avx2.cpp`). Up to 16 rows each re-reads the weight rows
     from L1; more rows widen the whole weight once for float32 GEMM (int8: torch's kernel, x in bf16)."""
-    return torch.ops.idefics.widening_linear(x, weight, bias, scale)
+    return _op("widening_linear")(x, weight, bias, scale)
 
 
 def uses_amx() -> bool:
