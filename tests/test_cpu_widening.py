@@ -88,6 +88,8 @@ def test_kernel_names_bad_input():
         cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), None)
     with pytest.raises(RuntimeError, match="bias has 3 values for 4 outputs"):
         cpu_kernels.widening_linear(torch.zeros(1, 8, dtype=torch.bfloat16), w, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="int8 weights take no bias"):
+        cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), torch.zeros(4), torch.ones(4))
 
 
 @pytest.fixture(scope="module")
