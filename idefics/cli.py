@@ -156,6 +156,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def matmul_kernels(model) -> str:
     """Which CPU matmul kernels the loaded model's linear layers run on (a fast path a user can check)."""
+    import torch
     from torch import nn
 
     from . import cpu_kernels
@@ -165,8 +166,9 @@ def matmul_kernels(model) -> str:
     kinds: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            kind = ("oneDNN (prepacked)" if module.weight.is_mkldnn else "bf16 widened to float32 (AVX2)"
-                    if module.weight.dim() == 2 else "idefics AVX-512 BF16 kernel")
+            kind = ("oneDNN (prepacked)" if module.weight.is_mkldnn else "idefics AVX-512 BF16 kernel"
+                    if module.weight.dim() != 2 else "bf16 widened to float32 (AVX2)"
+                    if module.weight.dtype == torch.bfloat16 else "float32 on the AVX2 kernel")
         elif isinstance(module, Int8Linear):
             kind = ("idefics AVX-512 BF16 kernel" if module.packed else "int8 on the AVX2 kernel"
                     if cpu_kernels.widening_available() else "torch int8")

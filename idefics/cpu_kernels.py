@@ -19,7 +19,8 @@ lacks AVX-512 BF16, no compiler is found or `IDEFICS_CPU_KERNELS=0` is set, `ava
 and the layers use oneDNN's prepacked kernels (int8: `torch._weight_int8pack_mm`): bf16 results identical, float32
 and int8 ones equal to rounding, a little slower. On CPUs with AVX2 but no AVX-512 (where oneDNN has no bf16
 matmul either) bf16 weights stay plain and are computed in float32 (`packing.layout` "widened"), on a second
-extension (`widening_available()`): `csrc/avx2.cpp`'s bf16/int8 products, and the norm, rotary, attention and
+extension (`widening_available()`): `csrc/avx2.cpp`'s bf16/float32/int8 products (float32 weights stay plain
+there too, `packing.layout` "plain"), and the norm, rotary, attention and
 decoding-step ops above compiled for AVX2 (8-lane vectors, `csrc/vec.h`; the same bits where they are bit-exact).
 Only one of the two extensions is ever loaded in a process (they register the same op names).
 """
@@ -124,8 +125,8 @@ AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 def widening_available() -> bool:
     """True where neither the main kernel nor oneDNN has bf16 arithmetic but the CPU has AVX2 and FMA (most
-    laptops, AMD Zen 2/3): bf16 and int8 products run on `csrc/avx2.cpp` (a separate extension built for AVX2 only;
-    few rows: weights widened to float32 in registers), and so do the fused ops below (`applies`). Decided once per
+    laptops, AMD Zen 2/3): bf16, float32 and int8 products run on `csrc/avx2.cpp` (a separate extension built for
+    AVX2 only; few rows: weights widened to float32 in registers), and so do the fused ops below (`applies`). Decided once per
     process; a failed build warns once."""
     if "widening" not in _state:
         ok = (not cpu_supported() and {"avx2", "fma"} <= cpu_flags() and not disabled()
@@ -156,9 +157,10 @@ def _build_avx2() -> None:
 
 def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (bf16 or float32) times a plain bf16 weight [N, K] (+ bias), or an int8 one times its per-output
-    `scale`, in float32, rounded once to x's dtype (`csrc/avx2.cpp`). Up to 16 rows each re-reads the weight rows
-    from L1; more rows widen the whole weight once for float32 GEMM (int8: torch's kernel, x in bf16)."""
+    """x [..., K] (bf16 or float32) times a plain bf16 or float32 weight [N, K] (+ bias), or an int8 one times its
+    per-output `scale`, in float32, rounded once to x's dtype (`csrc/avx2.cpp`). Up to 16 rows each re-reads the
+    weight rows from L1; more rows run oneDNN's float32 GEMM on the (widened) weight (int8: torch's kernel, x in
+    bf16)."""
     return _op("widening_linear")(x, weight, bias, scale)
 
 
@@ -197,12 +199,15 @@ def applies(*tensors: torch.Tensor) -> bool:
 def takes_step_weight(weight: torch.Tensor) -> bool:
     """The decoding steps' products (`decoder_layer_step`, `gated_cross_attention_step`) take this weight as it is
     stored: the main kernel's panels ([N/64, K/2, 64, 2] or [N/64, K, 64, 1]: `pack`), or, on the AVX2
-    extension, a plain bf16 or int8 [N, K] ("widened" layout) or a float32 one packed by oneDNN."""
+    extension, a plain bf16, float32 or int8 [N, K] (`packing.layout` "widened" / "plain")."""
+    if weight.is_mkldnn:
+        return False
     if available():
-        return not weight.is_mkldnn and weight.dim() == 4
-    if weight.is_mkldnn:  # float32 on oneDNN: the AVX2 extension's steps call oneDNN's op, as `PackedLinear` does
-        return weight.dtype == torch.float32 and widening_available()
-    return weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.int8) and widening_available()
+        return weight.dim() == 4
+    return weight.dim() == 2 and weight.dtype in _STEP_WEIGHT_DTYPES and widening_available()
+
+
+_STEP_WEIGHT_DTYPES = (torch.bfloat16, torch.float32, torch.int8)
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)

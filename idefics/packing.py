@@ -16,14 +16,15 @@ from . import cpu_kernels
 def layout(dtype: torch.dtype) -> str | None:
     """How `PackedLinear` stores CPU weights of `dtype` here: "kernel" (this project's panels, AVX-512 BF16),
     "onednn" (oneDNN's blocked layout; it packs bf16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT),
-    "widened" (bf16 on other CPUs, e.g. AVX2 laptops: the plain weight, computed in float32), or None."""
+    "widened" (bf16 on other CPUs, e.g. AVX2 laptops: the plain weight, computed in float32), "plain" (float32 on
+    the AVX2 extension: the plain weight, its row kernel for decoding, oneDNN's GEMM for prompts), or None."""
     if dtype not in (torch.float32, torch.bfloat16):
         return None
     if cpu_kernels.available():
         return "kernel"
     onednn = torch.backends.mkldnn.is_available()
     if dtype == torch.float32:
-        return "onednn" if onednn else None
+        return "plain" if cpu_kernels.widening_available() else "onednn" if onednn else None
     return "onednn" if onednn and cpu_kernels.onednn_has_bf16() else "widened"
 
 
@@ -85,7 +86,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"cannot pack a {weight.dtype} weight on this CPU (see packing.layout); keep the nn.Linear")
         if kind == "kernel":
             return cpu_kernels.pack(weight)
-        if kind == "widened":
+        if kind in ("widened", "plain"):
             return weight.contiguous()
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
 
@@ -93,7 +94,7 @@ class PackedLinear(nn.Module):
         """The plain [out, in] weight."""
         if self.weight.is_mkldnn:
             return self.weight.to_dense()
-        if self.weight.dim() == 2:  # widened
+        if self.weight.dim() == 2:  # widened or plain
             return self.weight
         return cpu_kernels.unpack(self.weight, self.out_features, self.in_features)
 
@@ -136,14 +137,15 @@ class PackedLinear(nn.Module):
         return self.weight.dtype
 
     def extra_repr(self) -> str:
-        kernel = ("oneDNN-packed" if self.weight.is_mkldnn else "widened to float32" if self.weight.dim() == 2
-                  else "kernel-packed")
+        kernel = ("oneDNN-packed" if self.weight.is_mkldnn else "kernel-packed" if self.weight.dim() != 2
+                  else "widened to float32" if self.dtype == torch.bfloat16 else "plain (AVX2 kernel)")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{kernel} {str(self.dtype).removeprefix('torch.')}")
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ b) for a plain bf16 weight in float32 arithmetic, rounded once to bf16 (the "widened" layout)."""
+    """x W^T (+ b) for a plain bf16 weight in float32 arithmetic, rounded once to bf16 (the "widened" layout), or
+    for a plain float32 one ("plain": only where the AVX2 extension is)."""
     if cpu_kernels.widening_available():  # as below, few rows on its own row kernel (csrc/avx2.cpp)
         return cpu_kernels.widening_linear(x, weight, bias)
     if x.numel() <= WIDENED_FEW_ROWS * weight.shape[1]:

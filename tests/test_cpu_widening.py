@@ -1,5 +1,5 @@
 """bf16 on CPUs without bf16 arithmetic (AVX2 only): the "widened" layout of `packing.PackedLinear` (plain bf16
-weights, float32 arithmetic) and its few-row kernel `csrc/avx2.cpp`, against float64 products of the same bf16
+weights, float32 arithmetic; float32 weights stay plain there too) and its few-row kernel `csrc/avx2.cpp`, against float64 products of the same bf16
 values (every output within one bf16 rounding plus float32 summation error), ATen's bf16 path (the reference's
 matmul there), and the plain model (same greedy tokens). The layout is forced with monkeypatch where the CPU
 has better paths, so the Python side runs on every machine; the kernel tests need an AVX2 CPU without AVX-512
@@ -46,6 +46,24 @@ def test_kernel_within_one_rounding(m, n, k, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 1024), (3, 37, 1029), (16, 65, 11008), (1, 3, 7), (17, 33, 200),
+                                   (130, 64, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_float32_weights_within_summation_error(m, n, k, bias):
+    """float32 weights ("plain" layout): the row kernel up to 16 rows, oneDNN's GEMM beyond, both within float32
+    summation error of the float64 product; a packed model's float32 linears take this path here."""
+    gen = torch.Generator().manual_seed(m + 3 * n + k)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = cpu_kernels.widening_linear(x, w, b)
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - exact).abs() <= summation_bound(k, x.double().abs() @ w.double().abs().T) + 1e-30).all()
+    assert packing.layout(torch.float32) == "plain"
+    assert torch.equal(PackedLinear(w, b)(x), got)
+
+
+@needs_kernel
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 1024), (3, 37, 1029), (16, 64, 11008), (1, 3, 7)])
 def test_kernel_int8_weights_within_one_rounding(m, n, k):
     gen = torch.Generator().manual_seed(m + n + k)
@@ -82,8 +100,8 @@ def test_kernel_names_bad_input():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="input has 9 features, weight 8"):
         cpu_kernels.widening_linear(torch.zeros(1, 9, dtype=torch.bfloat16), w, None)
-    with pytest.raises(RuntimeError, match="weight must be bfloat16 or int8"):
-        cpu_kernels.widening_linear(torch.zeros(1, 8), w.float(), None)
+    with pytest.raises(RuntimeError, match="weight must be bfloat16, float32 or int8"):
+        cpu_kernels.widening_linear(torch.zeros(1, 8), w.double(), None)
     with pytest.raises(RuntimeError, match="int8 weights need their per-output scales"):
         cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), None)
     with pytest.raises(RuntimeError, match="bias has 3 values for 4 outputs"):

@@ -1,5 +1,5 @@
-// y = x W^T (+ b) on CPUs with AVX2 and FMA but no AVX-512, for bf16 weights, or int8 ones with a float32 scale
-// per output (multiplied before the bias), kept in their plain [N, K] layout; and, as `idefics::linear`, the
+// y = x W^T (+ b) on CPUs with AVX2 and FMA but no AVX-512, for bf16 or float32 weights, or int8 ones with a float32
+// scale per output (multiplied before the bias), kept in their plain [N, K] layout; and, as `idefics::linear`, the
 // product the decoding steps of decoder_layer.cpp call. This file is the AVX2 extension's own part: it is built
 // with -mavx2 (the main extension is compiled for AVX-512 throughout and would fault here) together with
 // norm_rope.cpp, attention.cpp and decoder_layer.cpp, which compile to 8-lane code for it (vec.h).
@@ -7,9 +7,10 @@
 // Why: on such CPUs (most laptops, AMD Zen 2/3 servers) oneDNN has no bf16 matmul and ATen's bf16 matrix-vector
 // product reads the weights at about half the streaming rate; decoding is bound by that read. Here, for up to
 // kFewRows rows, every output feature's weight row is read once, front to back, widened to float32 in registers
-// and met by x in FMAs; several rows of x (batched decoding) re-read each weight row from L1. Longer products
-// (prefill) widen the whole weight once and run float32 GEMM (bf16; ATen's bf16 GEMM ran at ~14 GFLOP/s here)
-// or torch's int8 kernel.
+// and met by x in FMAs; several rows of x (batched decoding) re-read each weight row from L1. For float32 weights
+// that read ran 1.10-1.33x oneDNN's packed kernel over a 463M model's 64 decoder products (oneDNN is what float32
+// weights got before). Longer products (prefill) run oneDNN's float32 GEMM on the (widened) weight: 116-132
+// GFLOP/s at the model's shapes against ATen's `linear` 72-111 and ATen's bf16 GEMM ~14; int8 ones torch's kernel.
 //
 // Arithmetic: float32. Output o sums x[k] * W[o, k] in 16 lanes (one per k mod 16), the lanes added at the end,
 // then the bias in float32, rounded once to x's dtype (round to nearest even). Not the bits of ATen's bf16 path
@@ -50,6 +51,11 @@ inline void widen(const int8_t* w, __m256& lo, __m256& hi) {
   lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
 }
+inline void widen(const float* w, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(w);
+  hi = _mm256_loadu_ps(w + 8);
+}
+inline float scalar(float w) { return w; }
 inline float scalar(int8_t w) { return static_cast<float>(w); }
 inline float scalar(uint16_t w) {
   uint32_t bits = static_cast<uint32_t>(w) << 16;
@@ -81,7 +87,8 @@ inline float horizontal_sum(__m256 a, __m256 b) {
 // S outputs at once: x (deinterleaved for bf16 weights, k values) . W[o_s] for the rows w[s], each read front to
 // back. S rows from far-apart parts of a thread's range keep S streams of reads in flight: for bf16, two read
 // ~20% faster than one here (paired runs, 1-4 MiB rows per thread; three or four no faster, and four adjacent
-// rows ~20% slower); int8 weights, whose widening costs more per byte, read fastest one at a time.
+// rows ~20% slower); float32 ones alike; int8 weights, whose widening costs more per byte, read fastest one at a
+// time.
 template <int S, typename W>
 void dot_rows(const float* x, const W* const* w, int64_t k, float* out) {
   __m256 even[S], odd[S];
@@ -135,20 +142,30 @@ void run(const at::Tensor& x, const W* weight, const float* scale, const float* 
   }
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
-    constexpr int S = std::is_same_v<W, uint16_t> ? 2 : 1;
+    constexpr int S = std::is_same_v<W, int8_t> ? 1 : 2;
     const int64_t part = (o1 - o0) / S;
     outputs<S>(xs, m, weight, k, scale, bias, n, o0, part, ys);
     outputs<1>(xs, m, weight, k, scale, bias, n, o0 + S * part, o1 - o0 - S * part, ys);  // an odd one out
   });
 }
 
+// x W^T (+ b) for float32 x [M, K] and a plain float32 W [N, K] on oneDNN (`torch.ops.mkldnn._linear_pointwise`,
+// which takes a plain weight too), through the dispatcher: ATen exposes no C++ function for it.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, weight, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::optional<std::string>()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "widening_linear: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "widening_linear: weight must be a contiguous [N, K]");
-  const bool int8 = weight.scalar_type() == at::kChar;
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || int8, "widening_linear: weight must be bfloat16 or int8, got ",
-              weight.scalar_type());
+  const bool int8 = weight.scalar_type() == at::kChar, fp32 = weight.scalar_type() == at::kFloat;
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || int8 || fp32, "widening_linear: weight must be bfloat16, "
+              "float32 or int8, got ", weight.scalar_type());
   TORCH_CHECK(int8 == scale.has_value(), "widening_linear: int8 weights need their per-output scales (and only they)");
   TORCH_CHECK(!(int8 && bias.has_value()), "widening_linear: int8 weights take no bias");
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
@@ -170,8 +187,8 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
   }
   if (x.size(0) > kFewRows) {  // prefill-sized: the whole weight widened once, or torch's int8 kernel (bf16 x)
     const at::Tensor y = int8 ? at::_weight_int8pack_mm(x.to(at::kBFloat16).contiguous(), weight, sc.to(at::kBFloat16))
-                              : at::linear(x.to(at::kFloat), weight.to(at::kFloat), b.defined()
-                                           ? std::optional<at::Tensor>(b) : std::nullopt);
+                              : onednn_linear(x.to(at::kFloat).contiguous(), weight.to(at::kFloat), b.defined()
+                                              ? std::optional<at::Tensor>(b) : std::nullopt);
     return y.to(input.scalar_type()).view(shape);
   }
   at::Tensor y = at::empty({x.size(0), n}, input.options());
@@ -181,6 +198,9 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
   if (int8) {
     const auto* w = weight.data_ptr<int8_t>();
     bf16_out ? run<int8_t, c10::BFloat16>(x, w, sp, bp, n, y) : run<int8_t, float>(x, w, sp, bp, n, y);
+  } else if (fp32) {
+    const auto* w = weight.data_ptr<float>();
+    bf16_out ? run<float, c10::BFloat16>(x, w, sp, bp, n, y) : run<float, float>(x, w, sp, bp, n, y);
   } else {
     const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
     bf16_out ? run<uint16_t, c10::BFloat16>(x, w, sp, bp, n, y) : run<uint16_t, float>(x, w, sp, bp, n, y);
@@ -192,17 +212,9 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
 
 namespace idefics {
 
-// decoder_layer.cpp's product in this extension: `packed` is the plain bf16 or int8 weight ("widened" layout), or
-// a float32 one in oneDNN's blocked layout, run as `packing.PackedLinear` runs it (the same op, the same bits).
+// decoder_layer.cpp's product in this extension: `packed` is the plain weight (bf16, float32 or int8).
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t n, int64_t /*chunk*/) {
-  if (packed.is_mkldnn()) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-    torch::jit::Stack stack{input, packed, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
-                            std::optional<std::string>()};
-    op.callBoxed(&stack);
-    return stack[0].toTensor();
-  }
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == n, "idefics linear: a plain [", n, ", K] weight, got ",
               packed.sizes());
   return widening_linear(input, packed, bias, scale);

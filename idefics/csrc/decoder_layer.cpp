@@ -102,9 +102,3 @@ TORCH_LIBRARY_IMPL(idefics, CPU, m) {
   m.impl("decoder_layer_step", idefics::decoder_layer_step);
   m.impl("gated_cross_attention_step", idefics::gated_cross_attention_step);
 }
-
-// float32 weights packed by oneDNN (the AVX2 extension's steps take them) send the call to this key.
-TORCH_LIBRARY_IMPL(idefics, MkldnnCPU, m) {
-  m.impl("decoder_layer_step", idefics::decoder_layer_step);
-  m.impl("gated_cross_attention_step", idefics::gated_cross_attention_step);
-}
