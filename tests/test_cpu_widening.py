@@ -96,6 +96,22 @@ def test_kernel_bits_do_not_depend_on_threads_or_batch(n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_kernel_rows_of_a_batch_equal_one_row_products(dtype):
+    """Batched decoding: rows of x share each widened weight in blocks (3 rows per pair of weight rows, 6 per odd
+    one out or int8 row); every row count up to the few-row limit gives each row the bits of its own product."""
+    gen = torch.Generator().manual_seed(1)
+    n, k = 131, 1040
+    w = (torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) if dtype == torch.int8
+         else torch.randn(n, k, generator=gen).to(dtype))
+    scale = torch.rand(n, generator=gen) / 50 if dtype == torch.int8 else None
+    x = torch.randn(packing.WIDENED_FEW_ROWS, k, generator=gen).bfloat16()
+    single = torch.cat([cpu_kernels.widening_linear(x[i:i + 1], w, None, scale) for i in range(len(x))])
+    for rows in range(2, len(x) + 1):
+        assert torch.equal(cpu_kernels.widening_linear(x[:rows], w, None, scale), single[:rows]), rows
+
+
+@needs_kernel
 def test_kernel_names_bad_input():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="input has 9 features, weight 8"):

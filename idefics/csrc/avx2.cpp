@@ -85,48 +85,81 @@ inline float horizontal_sum(__m256 a, __m256 b) {
   return _mm_cvtss_f32(q);
 }
 
-// S outputs at once: x (deinterleaved for bf16 weights, k values) . W[o_s] for the rows w[s], each read front to
-// back. S rows from far-apart parts of a thread's range keep S streams of reads in flight: for bf16, two read
-// ~20% faster than one here (paired runs, 1-4 MiB rows per thread; three or four no faster, and four adjacent
-// rows ~20% slower); float32 ones alike; int8 weights, whose widening costs more per byte, read fastest one at a
-// time.
-template <int S, typename W>
+// S outputs for each of R rows of x at once: x rows (deinterleaved for bf16 weights, k values, the row r at
+// x + r * k) . W[o_s] for the weight rows w[s], each read front to back and widened once for all R rows. S rows
+// from far-apart parts of a thread's range keep S streams of reads in flight: for bf16, two read ~20% faster than
+// one here (paired runs, 1-4 MiB rows per thread; three or four no faster, and four adjacent rows ~20% slower);
+// float32 ones alike; int8 weights, whose widening costs more per byte, read fastest one at a time. R rows share
+// each widened weight (batched decoding: widening, not the read, bounded it when every row re-widened); each
+// (row, output) sum takes the same FMAs in the same order whatever R and S, so the bits do not depend on them.
+template <int S, int R, bool kFromMemory, typename W>
 void dot_rows(const float* x, const W* const* w, int64_t k, float* out) {
-  __m256 even[S], odd[S];
-  for (int s = 0; s < S; ++s) even[s] = odd[s] = _mm256_setzero_ps();
+  __m256 even[R][S], odd[R][S];
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) even[r][s] = odd[r][s] = _mm256_setzero_ps();
   const int64_t body = k - k % 16;
   for (int64_t i = 0; i < body; i += 16) {
-    const __m256 xe = _mm256_loadu_ps(x + i), xo = _mm256_loadu_ps(x + i + 8);
     for (int s = 0; s < S; ++s) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[s] + i + kAhead * k), _MM_HINT_T0);
+      if constexpr (kFromMemory) _mm_prefetch(reinterpret_cast<const char*>(w[s] + i + kAhead * k), _MM_HINT_T0);
       __m256 a, b;
       widen(w[s] + i, a, b);
-      even[s] = _mm256_fmadd_ps(xe, a, even[s]);
-      odd[s] = _mm256_fmadd_ps(xo, b, odd[s]);
+      for (int r = 0; r < R; ++r) {
+        even[r][s] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i), a, even[r][s]);
+        odd[r][s] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i + 8), b, odd[r][s]);
+      }
     }
   }
-  for (int s = 0; s < S; ++s) {
-    out[s] = horizontal_sum(even[s], odd[s]);
-    for (int64_t i = body; i < k; ++i) out[s] += x[i] * scalar(w[s][i]);
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) {
+      float& v = out[r * S + s];
+      v = horizontal_sum(even[r][s], odd[r][s]);
+      for (int64_t i = body; i < k; ++i) v += x[r * k + i] * scalar(w[s][i]);
+    }
+}
+
+// Rows of x per widened weight: all 16 ymm registers hold 2 R S sums, the S widened pairs and the bf16 mask.
+template <int S>
+constexpr int kBlockRows = S == 1 ? 6 : 3;
+
+// The outputs o[s] (s < S) for the rows row0 + r (r < R) of x. The first block of rows (row0 0) reads the weight
+// rows from memory, and prefetches them; the others find them in L1 (prefetching there only took load slots).
+template <int S, int R, typename W, typename T>
+void store_outputs(const float* xs, int64_t row0, const W* const* w, const int64_t* o, int64_t k, const float* scale,
+                   const float* bias, int64_t n, T* ys) {
+  float v[R * S];
+  row0 == 0 ? dot_rows<S, R, true>(xs, w, k, v) : dot_rows<S, R, false>(xs + row0 * k, w, k, v);
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) {
+      const float scaled = scale == nullptr ? v[r * S + s] : v[r * S + s] * scale[o[s]];
+      ys[(row0 + r) * n + o[s]] = static_cast<T>(bias == nullptr ? scaled : scaled + bias[o[s]]);  // bf16: nearest even
+    }
+}
+
+// The last rows of x (fewer than a block) on the block size that fits them: R counts down to 1.
+template <int S, int R, typename W, typename T>
+void store_remaining(const float* xs, int64_t row0, int64_t rows, const W* const* w, const int64_t* o, int64_t k,
+                     const float* scale, const float* bias, int64_t n, T* ys) {
+  if constexpr (R > 0) {
+    if (rows == R) return store_outputs<S, R>(xs, row0, w, o, k, scale, bias, n, ys);
+    store_remaining<S, R - 1>(xs, row0, rows, w, o, k, scale, bias, n, ys);
   }
 }
 
-// Outputs o0 + s * part + i for s < S, i < part, for every row of x (several rows re-read W[o] from L1).
+// Outputs o0 + s * part + i for s < S, i < part, for every row of x, kBlockRows rows of x per widened weight.
 template <int S, typename W, typename T>
 void outputs(const float* xs, int64_t m, const W* weight, int64_t k, const float* scale, const float* bias, int64_t n,
              int64_t o0, int64_t part, T* ys) {
+  constexpr int R = kBlockRows<S>;
   for (int64_t i = 0; i < part; ++i) {
     const W* w[S];
-    for (int s = 0; s < S; ++s) w[s] = weight + (o0 + s * part + i) * k;
-    for (int64_t row = 0; row < m; ++row) {
-      float v[S];
-      dot_rows<S>(xs + row * k, w, k, v);
-      for (int s = 0; s < S; ++s) {
-        const int64_t o = o0 + s * part + i;
-        const float scaled = scale == nullptr ? v[s] : v[s] * scale[o];
-        ys[row * n + o] = static_cast<T>(bias == nullptr ? scaled : scaled + bias[o]);  // BFloat16: nearest even
-      }
+    int64_t o[S];
+    for (int s = 0; s < S; ++s) {
+      o[s] = o0 + s * part + i;
+      w[s] = weight + o[s] * k;
     }
+    int64_t row0 = 0;
+    for (; row0 + R <= m; row0 += R) store_outputs<S, R>(xs, row0, w, o, k, scale, bias, n, ys);
+    store_remaining<S, R - 1>(xs, row0, m - row0, w, o, k, scale, bias, n, ys);
   }
 }
 
