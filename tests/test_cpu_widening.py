@@ -98,8 +98,8 @@ def test_kernel_bits_do_not_depend_on_threads_or_batch(n):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
 def test_kernel_rows_of_a_batch_equal_one_row_products(dtype):
-    """Batched decoding: rows of x share each widened weight in blocks (3 rows per pair of weight rows, 6 per odd
-    one out or int8 row); every row count up to the few-row limit gives each row the bits of its own product."""
+    """Batched decoding: rows of x share each widened weight in blocks (3 rows per pair of weight rows, 6 for the
+    odd one out); every row count up to the few-row limit gives each row the bits of its own product."""
     gen = torch.Generator().manual_seed(1)
     n, k = 131, 1040
     w = (torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) if dtype == torch.int8

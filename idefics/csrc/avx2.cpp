@@ -46,11 +46,11 @@ inline void widen(const uint16_t* w, __m256& even, __m256& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
-// 16 int8 weights (weight-only quantization) from k on as float32, in order (x is not reordered for them).
+// 16 int8 weights (weight-only quantization) from k on as float32, in order (x is not reordered for them). Each
+// half is widened straight from memory (vpmovsxbd's load): one shuffle fewer than a 16-byte load split in two.
 inline void widen(const int8_t* w, __m256& lo, __m256& hi) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8))));
 }
 inline void widen(const float* w, __m256& lo, __m256& hi) {
   lo = _mm256_loadu_ps(w);
@@ -89,7 +89,7 @@ inline float horizontal_sum(__m256 a, __m256 b) {
 // x + r * k) . W[o_s] for the weight rows w[s], each read front to back and widened once for all R rows. S rows
 // from far-apart parts of a thread's range keep S streams of reads in flight: for bf16, two read ~20% faster than
 // one here (paired runs, 1-4 MiB rows per thread; three or four no faster, and four adjacent rows ~20% slower);
-// float32 ones alike; int8 weights, whose widening costs more per byte, read fastest one at a time. R rows share
+// float32 and int8 ones alike (int8: 10-35% faster, interleaved runs of the 463M model's shapes). R rows share
 // each widened weight (batched decoding: widening, not the read, bounded it when every row re-widened); each
 // (row, output) sum takes the same FMAs in the same order whatever R and S, so the bits do not depend on them.
 template <int S, int R, bool kFromMemory, typename W>
@@ -117,7 +117,8 @@ void dot_rows(const float* x, const W* const* w, int64_t k, float* out) {
     }
 }
 
-// Rows of x per widened weight: all 16 ymm registers hold 2 R S sums, the S widened pairs and the bf16 mask.
+// Rows of x per widened weight: all 16 ymm registers hold 2 R S sums, the S widened pairs and the bf16 mask (S 1:
+// the odd row out of a thread's range).
 template <int S>
 constexpr int kBlockRows = S == 1 ? 6 : 3;
 
@@ -167,16 +168,19 @@ template <typename W, typename T>
 void run(const at::Tensor& x, const W* weight, const float* scale, const float* bias, int64_t n, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xs = xf.data_ptr<float>();
-  std::vector<float> order;  // bf16 weights meet x in their even/odd order
-  if (std::is_same_v<W, uint16_t>) {
-    order.resize(m * k);
-    for (int64_t row = 0; row < m; ++row) deinterleave(xs + row * k, k, order.data() + row * k);
-    xs = order.data();
+  // x copied to memory torch's allocator aligns to 64 bytes, so its 32-byte loads never straddle cache lines (a
+  // view or a vector's 16-byte alignment split every other one: 10-20% slower blocks of rows), with bf16 weights
+  // in their even/odd order
+  at::Tensor aligned = at::empty({m, k}, xf.options());
+  float* xs = aligned.data_ptr<float>();
+  for (int64_t row = 0; row < m; ++row) {
+    const float* from = xf.data_ptr<float>() + row * k;
+    if constexpr (std::is_same_v<W, uint16_t>) deinterleave(from, k, xs + row * k);
+    else std::memcpy(xs + row * k, from, k * sizeof(float));
   }
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
-    constexpr int S = std::is_same_v<W, int8_t> ? 1 : 2;
+    constexpr int S = 2;
     const int64_t part = (o1 - o0) / S;
     outputs<S>(xs, m, weight, k, scale, bias, n, o0, part, ys);
     outputs<1>(xs, m, weight, k, scale, bias, n, o0 + S * part, o1 - o0 - S * part, ys);  // an odd one out
