@@ -3,13 +3,16 @@ against what it replaces, in one run, interleaved, medians, with the ratio.
 
     python benchmarks/bench_kernels.py              # 463M benchmark model's shapes, 1 thread
     python benchmarks/bench_kernels.py --nine-b     # idefics-9b's shapes
+    python benchmarks/bench_kernels.py --threads 2  # as the decoding benchmark runs
 
-bf16 and float32 weights: ours vs oneDNN with a prepacked weight (the fastest path PyTorch has here; bf16
-`F.linear` goes through oneDNN too, float32 through MKL, slower). int8 weights (per-row scales, bf16 activations):
-ours vs `torch._weight_int8pack_mm`. One row of x
-is a decoding step (memory-bound: GB/s of weights read, against the streaming rate measured in the same run);
-128 rows is a prefill (compute-bound: GFLOP/s). Each layer is timed over enough copies of its weight to be far
-larger than the caches, so every call streams from memory as in a real step."""
+On AVX-512 BF16 CPUs (the main kernel), bf16 and float32 weights: ours vs oneDNN with a prepacked weight (the
+fastest path PyTorch has there; bf16 `F.linear` goes through oneDNN too, float32 through MKL, slower). On CPUs
+with AVX2 but no AVX-512 (the AVX2 row kernel, `csrc/avx2.cpp`, weights kept plain): bf16 ours vs ATen's bf16
+`F.linear` (what a bf16 layer runs there: oneDNN has no bf16 matmul), float32 ours vs oneDNN prepacked. int8
+weights (per-row scales, bf16 activations): ours vs `torch._weight_int8pack_mm`. One row of x is a decoding step
+(memory-bound: GB/s of weights read, against the streaming rate measured in the same run); 8 rows a batched
+decoding step and 128 a prefill (compute-bound: GFLOP/s). Each layer is timed over enough copies of its weight
+to be far larger than the caches, so every call streams from memory as in a real step."""
 
 from __future__ import annotations
 
@@ -45,31 +48,33 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=256, help="MiB of weight copies per layer (defeats caches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_kernels.available():
-        raise SystemExit("this CPU has no AVX-512 BF16 (or the kernel is switched off): nothing to compare")
+    main_kernel = cpu_kernels.available()
+    if not main_kernel and not cpu_kernels.widening_available():
+        raise SystemExit("this CPU has neither AVX-512 BF16 nor AVX2 + FMA (or the kernels are switched off): "
+                         "nothing to compare")
     bandwidth = common.memory_bandwidth()
-    print(f"torch {torch.__version__}, {args.threads} threads; streaming read {bandwidth / 1e9:.1f} GB/s "
-          f"(float32 sum of 1 GiB)\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, "
+          f"{'main (AVX-512) kernel' if main_kernel else 'AVX2 row kernel'}; streaming read "
+          f"{bandwidth / 1e9:.1f} GB/s (float32 sum of 1 GiB)\n")
     print("| weights | layer (out x in) | rows | ours | theirs | ours/theirs (speed) |")
     print("|---|---|---|---|---|---|")
     for n, k, name in SHAPES["9B" if args.nine_b else "463M"]:
         copies = max(1, args.memory * 2**20 // (2 * n * k))
-        ours, onednn = {}, {}
+        ours, theirs = {}, {}
         for dtype in (torch.bfloat16, torch.float32):
             weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
-            ours[dtype] = [cpu_kernels.pack(w) for w in weights]
-            onednn[dtype] = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+            ours[dtype] = [cpu_kernels.pack(w) for w in weights] if main_kernel else weights
+            theirs[dtype] = (weights if dtype == torch.bfloat16 and not main_kernel
+                             else [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights])
         q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
-        ours_q = [cpu_kernels.pack(w) for w in q]
+        ours_q = [cpu_kernels.pack(w) for w in q] if main_kernel else q
         scales = torch.rand(n) / 100
-        for rows in (1, 128):
+        for rows in (1, 8, 128):
             x = torch.randn(rows, k).bfloat16()
-            cases = {
-                dtype: {"ours": lambda d=dtype: [cpu_kernels.linear(x.to(d), w, None, n) for w in ours[d]],
-                        "theirs": lambda d=dtype: [torch.ops.mkldnn._linear_pointwise(x.to(d), w, None, "none", [], "")
-                                                   for w in onednn[d]]}
-                for dtype in (torch.bfloat16, torch.float32)}
-            cases["int8"] = {"ours": lambda: [cpu_kernels.linear(x, w, None, n, scales) for w in ours_q],
+            cases = {dtype: {"ours": lambda d=dtype: [ours_linear(x.to(d), w, n, main_kernel) for w in ours[d]],
+                             "theirs": lambda d=dtype: [their_linear(x.to(d), w, main_kernel) for w in theirs[d]]}
+                     for dtype in (torch.bfloat16, torch.float32)}
+            cases["int8"] = {"ours": lambda: [ours_linear(x, w, n, main_kernel, scales) for w in ours_q],
                              "theirs": lambda: [torch._weight_int8pack_mm(x, w, scales.bfloat16()) for w in q]}
             for kind, fns in cases.items():
                 t = paired(fns, args.repeats)
@@ -84,6 +89,20 @@ def main() -> None:
                 print(f"| {kind} | {name} {n} x {k} | {rows} | {rate(t['ours'])} | {rate(t['theirs'])} | "
                       f"{t['theirs'] / t['ours']:.2f}x |", flush=True)
 
+
+def ours_linear(x: torch.Tensor, weight: torch.Tensor, n: int, main_kernel: bool,
+                scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The main kernel on its packed weight, or the AVX2 row kernel on the plain one."""
+    if main_kernel:
+        return cpu_kernels.linear(x, weight, None, n, scales)
+    return cpu_kernels.widening_linear(x, weight, None, scales)
+
+
+def their_linear(x: torch.Tensor, weight: torch.Tensor, main_kernel: bool) -> torch.Tensor:
+    """oneDNN on its prepacked weight; for bf16 on an AVX2 CPU, ATen's bf16 `F.linear` on the plain one."""
+    if weight.dim() == 2 and weight.dtype == torch.bfloat16 and not main_kernel:
+        return torch.nn.functional.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 if __name__ == "__main__":
     main()

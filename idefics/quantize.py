@@ -50,7 +50,9 @@ class Int8Linear(nn.Module):
 
     On CPUs with this project's kernel (`cpu_kernels`), q is stored in the kernel's panel layout and the matmul
     runs there: decoding reads the int8 weights ~1.8x faster than `torch._weight_int8pack_mm` and prefill is
-    ~3x faster (bf16 activations, float32 sums and scales). The state dict always holds the plain [out, in] q."""
+    ~3x faster (bf16 activations, float32 sums and scales). On AVX2 CPUs q stays plain and the AVX2 extension
+    runs it (`cpu_kernels.widening_linear`: few rows ~2x torch's kernel, many rows float32 GEMM on q widened block
+    by block, ~2x too). The state dict always holds the plain [out, in] q."""
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -90,7 +92,7 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
         if self.packed:
             out = cpu_kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
-        elif flat.device.type == "cpu" and cpu_kernels.widening_available():  # AVX2: few rows ~2x the rate below
+        elif flat.device.type == "cpu" and cpu_kernels.widening_available():  # AVX2: ~2x the kernel below
             out = cpu_kernels.widening_linear(flat, self.weight, None, self.scales)
         elif flat.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))

@@ -64,7 +64,9 @@ def test_kernel_float32_weights_within_summation_error(m, n, k, bias):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 1024), (3, 37, 1029), (16, 64, 11008), (1, 3, 7)])
+# 17+ rows: float32 GEMM on the weight widened block by block (k 16384: blocks of 64 outputs, so two here)
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 1024), (3, 37, 1029), (16, 64, 11008), (1, 3, 7), (40, 70, 1024),
+                                   (17, 100, 16384)])
 def test_kernel_int8_weights_within_one_rounding(m, n, k):
     gen = torch.Generator().manual_seed(m + n + k)
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -74,7 +76,7 @@ def test_kernel_int8_weights_within_one_rounding(m, n, k):
     # x 2: the scale's multiplication adds a rounding of its own to the summation error
     assert got.dtype == torch.bfloat16
     assert within_one_rounding(got, exact, k, 2 * (x.double().abs() @ q.double().abs().T) * scales.double())
-    layer = Int8Linear.from_rows(q, scales)  # the quantized layer takes this path for few rows here
+    layer = Int8Linear.from_rows(q, scales)  # the quantized layer takes this path here
     assert torch.equal(layer(x), got)
 
 

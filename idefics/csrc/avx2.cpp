@@ -10,8 +10,8 @@
 // and met by x in FMAs; several rows of x (batched decoding) re-read each weight row from L1. For float32 weights
 // that read ran 1.10-1.33x oneDNN's packed kernel over a 463M model's 64 decoder products (oneDNN is what float32
 // weights got before). Longer products (prefill) run float32 GEMM: oneDNN's on a float32 weight (116-132 GFLOP/s
-// at the model's shapes against ATen's `linear` 72-111), ATen's on a widened bf16 one (its bf16 GEMM: ~14), and
-// torch's kernel on an int8 one.
+// at the model's shapes against ATen's `linear` 72-111) and on an int8 one widened block by block (torch's int8
+// kernel: 40-50), ATen's on a widened bf16 one (its bf16 GEMM: ~14).
 //
 // Arithmetic: float32. Output o sums x[k] * W[o, k] in 16 lanes (one per k mod 16), the lanes added at the end,
 // then the bias in float32, rounded once to x's dtype (round to nearest even). Not the bits of ATen's bf16 path
@@ -197,6 +197,21 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return stack[0].toTensor();
 }
 
+// x W^T * scale for an int8 W [N, K] and many rows of x: W widened to float32 (exactly: int8 values) a block of
+// outputs at a time, oneDNN's float32 GEMM, then each output's scale, as the row kernel applies it. torch's int8
+// kernel (`_weight_int8pack_mm`, bf16 x and bf16 scales) ran these products at 30-57 GFLOP/s here, this at 90-100.
+// Blocks of 4 MiB of widened weight: memory that size is reused from call to call, where a larger block is mapped
+// afresh each time and its page faults halved the rate (idefics-9b's gate/up product would need 344 MiB at once).
+at::Tensor int8_prompt(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t block = std::max<int64_t>(64, (int64_t{4} << 20) / (4 * k));
+  std::vector<at::Tensor> parts;
+  for (int64_t o = 0; o < n; o += block)
+    parts.push_back(onednn_linear(xf, weight.narrow(0, o, std::min(block, n - o)).to(at::kFloat), std::nullopt));
+  return (parts.size() == 1 ? parts[0] : at::cat(parts, 1)).mul_(scale);
+}
+
 at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "widening_linear: CPU tensors only");
@@ -223,11 +238,11 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
     TORCH_CHECK(scale->numel() == n, "widening_linear: ", scale->numel(), " scales for ", n, " outputs");
     sc = scale->to(at::kFloat).contiguous();
   }
-  if (x.size(0) > kFewRows) {  // prefill-sized: the whole weight widened once, or torch's int8 kernel (bf16 x)
+  if (x.size(0) > kFewRows) {  // prefill-sized: float32 GEMM on the weight widened (int8: block by block)
     // bf16 weights keep ATen's float32 GEMM: on oneDNN's the benchmark's random 463M model (a near-tie) decoded
     // other greedy tokens than the bf16 reference at batch 1, where ATen's matched it in every run
     const std::optional<at::Tensor> bias32 = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
-    const at::Tensor y = int8 ? at::_weight_int8pack_mm(x.to(at::kBFloat16).contiguous(), weight, sc.to(at::kBFloat16))
+    const at::Tensor y = int8 ? int8_prompt(x, weight, sc)
                          : fp32 ? onednn_linear(x.contiguous(), weight, bias32)
                                 : at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias32);
     return y.to(input.scalar_type()).view(shape);
