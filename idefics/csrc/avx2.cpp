@@ -167,16 +167,16 @@ void outputs(const float* xs, int64_t m, const W* weight, int64_t k, const float
 template <typename W, typename T>
 void run(const at::Tensor& x, const W* weight, const float* scale, const float* bias, int64_t n, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  // x copied to memory torch's allocator aligns to 64 bytes, so its 32-byte loads never straddle cache lines (a
-  // view or a vector's 16-byte alignment split every other one: 10-20% slower blocks of rows), with bf16 weights
-  // in their even/odd order
-  at::Tensor aligned = at::empty({m, k}, xf.options());
+  // x as float32 in memory torch's allocator aligns to 64 bytes, so with k a multiple of 16 its 32-byte loads never
+  // straddle cache lines (a view or a vector's 16-byte alignment split every other one: 10-20% slower blocks of
+  // rows); for bf16 weights in their even/odd order
+  at::Tensor aligned = at::empty({m, k}, x.options().dtype(at::kFloat));
   float* xs = aligned.data_ptr<float>();
-  for (int64_t row = 0; row < m; ++row) {
-    const float* from = xf.data_ptr<float>() + row * k;
-    if constexpr (std::is_same_v<W, uint16_t>) deinterleave(from, k, xs + row * k);
-    else std::memcpy(xs + row * k, from, k * sizeof(float));
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    for (int64_t row = 0; row < m; ++row) deinterleave(xf.data_ptr<float>() + row * k, k, xs + row * k);
+  } else {
+    aligned.copy_(x);
   }
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, n, 64, [&](int64_t o0, int64_t o1) {
