@@ -9,9 +9,9 @@
 // kFewRows rows, every output feature's weight row is read once, front to back, widened to float32 in registers
 // and met by x in FMAs; several rows of x (batched decoding) re-read each weight row from L1. For float32 weights
 // that read ran 1.10-1.33x oneDNN's packed kernel over a 463M model's 64 decoder products (oneDNN is what float32
-// weights got before). Longer products (prefill) run float32 GEMM: oneDNN's on a float32 weight (116-132 GFLOP/s
-// at the model's shapes against ATen's `linear` 72-111) and on an int8 one widened block by block (torch's int8
-// kernel: 40-50), ATen's on a widened bf16 one (its bf16 GEMM: ~14).
+// weights got before). Longer products (prefill) run float32 GEMM: ATen's (MKL) on a float32 weight or a widened
+// bf16 one (ATen's bf16 GEMM: ~14 GFLOP/s), oneDNN's on an int8 one widened block by block (torch's int8 kernel:
+// 40-50).
 //
 // Arithmetic: float32. Output o sums x[k] * W[o, k] in 16 lanes (one per k mod 16), the lanes added at the end,
 // then the bias in float32, rounded once to x's dtype (round to nearest even). Not the bits of ATen's bf16 path
@@ -239,12 +239,13 @@ at::Tensor widening_linear(const at::Tensor& input, const at::Tensor& weight, co
     sc = scale->to(at::kFloat).contiguous();
   }
   if (x.size(0) > kFewRows) {  // prefill-sized: float32 GEMM on the weight widened (int8: block by block)
-    // bf16 weights keep ATen's float32 GEMM: on oneDNN's the benchmark's random 463M model (a near-tie) decoded
-    // other greedy tokens than the bf16 reference at batch 1, where ATen's matched it in every run
+    // float32 and bf16 weights on ATen's float32 GEMM (MKL), the reference's own: at the 463M model's prompt
+    // shapes it ran 150 ms against oneDNN's 176 (interleaved, weights cold; 155-183 GFLOP/s at 257-1284 rows, at
+    // this CPU's FMA peak, against 137-148; alike at 128). bf16 on oneDNN also decoded other greedy tokens than
+    // the bf16 reference on the benchmark's random model (a near-tie), where ATen's matched it in every run.
     const std::optional<at::Tensor> bias32 = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
     const at::Tensor y = int8 ? int8_prompt(x, weight, sc)
-                         : fp32 ? onednn_linear(x.contiguous(), weight, bias32)
-                                : at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias32);
+                         : at::linear(x.to(at::kFloat), fp32 ? weight : weight.to(at::kFloat), bias32);
     return y.to(input.scalar_type()).view(shape);
   }
   at::Tensor y = at::empty({x.size(0), n}, input.options());
