@@ -159,8 +159,8 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (bf16 or float32) times a plain bf16 or float32 weight [N, K] (+ bias), or an int8 one times its
     per-output `scale`, in float32, rounded once to x's dtype (`csrc/avx2.cpp`). Up to 16 rows each re-reads the
-    weight rows from L1; more rows run float32 GEMM (oneDNN's on float32 weights and on int8 ones widened block
-    by block, then scaled; ATen's on widened bf16 ones)."""
+    weight rows from L1; more rows run float32 GEMM (ATen's, MKL, on float32 weights and widened bf16 ones; oneDNN's on
+    int8 ones widened block by block, then scaled)."""
     return _op("widening_linear")(x, weight, bias, scale)
 
 

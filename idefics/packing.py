@@ -17,7 +17,7 @@ def layout(dtype: torch.dtype) -> str | None:
     """How `PackedLinear` stores CPU weights of `dtype` here: "kernel" (this project's panels, AVX-512 BF16),
     "onednn" (oneDNN's blocked layout; it packs bf16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT),
     "widened" (bf16 on other CPUs, e.g. AVX2 laptops: the plain weight, computed in float32), "plain" (float32 on
-    the AVX2 extension: the plain weight, its row kernel for decoding, oneDNN's GEMM for prompts), or None."""
+    the AVX2 extension: the plain weight, its row kernel for decoding, ATen's float32 GEMM for prompts), or None."""
     if dtype not in (torch.float32, torch.bfloat16):
         return None
     if cpu_kernels.available():
