@@ -78,9 +78,11 @@ class IdeficsModel(nn.Module):
     def latents_per_image(self) -> int:
         return self.config.image_latents or self.vision_model.num_tokens
 
-    def encode_images(self, pixel_values: torch.Tensor, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, image_attention_mask: torch.Tensor | None = None,
+                      class_probs: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, 3, H, W] → [B, N, latents, dim]. Images no token attends to (batch padding) are not
-        encoded: their slot stays zero, which changes no output because the mask hides them."""
+        encoded: their slot stays zero, which changes no output because the mask hides them. `class_probs`
+        ([B, N, classes], training only) goes to an encoder that takes it (see `EfficientNetEncoder`)."""
         b, n = pixel_values.shape[:2]
         flat = pixel_values.reshape(b * n, *pixel_values.shape[2:])
         used = torch.ones(b * n, dtype=torch.bool, device=flat.device)
@@ -90,7 +92,10 @@ class IdeficsModel(nn.Module):
         out = torch.zeros(b * n, self.latents_per_image, self.config.vision_config.embed_dim,
                           dtype=dtype, device=flat.device)
         if used.any():
-            features = self.vision_model(flat[used])
+            if class_probs is None:
+                features = self.vision_model(flat[used])
+            else:
+                features = self.vision_model(flat[used], class_probs.reshape(b * n, -1)[used])
             if self.config.use_resampler:
                 features = self.perceiver_resampler(features.to(dtype))
             out[used] = features.to(dtype)

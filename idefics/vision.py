@@ -7,6 +7,8 @@ IDEFICS uses the output of the last encoder layer, CLS token included, *before* 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,24 +137,84 @@ def build_vision_encoder(config: VisionConfig) -> nn.Module:
 
         net = EfficientNetLite0()
         net.frozen = True  # BatchNorm keeps its ImageNet statistics even when the parent model trains
-        return EfficientNetEncoder(net)
+        return EfficientNetEncoder(net, label_tokens=int(config.extra.get("label_tokens", 0)),
+                                   label_width=int(config.extra.get("label_width", 0)),
+                                   position_code=bool(config.extra.get("position_code", False)))
     raise ValueError(f"unknown vision_config.model_type {config.model_type!r}")
 
 
 class EfficientNetEncoder(nn.Module):
-    """Adapts EfficientNet-Lite0 (feature map 7x7x1280 at 224 px) to the encoder contract: 49 tokens x 1280."""
+    """Adapts EfficientNet-Lite0 to the encoder contract: [images, 3, 224, 224] → [images, tokens, 1280].
 
-    def __init__(self, net: nn.Module) -> None:
+    Tokens: the 7×7 feature map (49 tokens), optionally with a fixed 2-D sinusoidal position code added (a
+    convolutional feature carries little of where it is, and the perceiver has no position embedding of its
+    own), then optionally `label_tokens` tokens that let the frozen ImageNet classifier speak: for each of its
+    top-k classes, the language model's own embedding of the class name (`class_names`, [1000, label_width],
+    a frozen buffer rebuilt from the backbones' sources), its probability and its rank. The perceiver and the
+    cross-attention then only have to pass a word the language model already knows on to it, for all 1000
+    classes, including ones no training image showed.
+    """
+
+    FEATURE_WIDTH, GRID = 1280, 7
+    POSITION_AMPLITUDE = 0.5  # the features are ReLU6 outputs with mean ~0.2 and std ~0.7
+
+    def __init__(self, net: nn.Module, label_tokens: int = 0, label_width: int = 0, position_code: bool = False):
         super().__init__()
         self.net = net
+        if label_tokens and not 0 < label_width <= self.FEATURE_WIDTH - label_tokens - 3:
+            raise ValueError(f"label_width must be in 1..{self.FEATURE_WIDTH - label_tokens - 3} with "
+                             f"label_tokens={label_tokens}, got {label_width}")
+        self.label_tokens, self.label_width = label_tokens, label_width
+        if label_tokens:
+            self.register_buffer("class_names", torch.zeros(net._fc.out_features, label_width))
+        self.uses_position_code = position_code  # computed when used: models are built on the meta device
+
+    @classmethod
+    def sinusoidal_grid(cls, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[49, 1280]: even channels follow the row, odd ones the column, at 8 frequencies and 80 phases."""
+        grid = torch.arange(cls.GRID, dtype=torch.float64, device=device)
+        channel = torch.arange(cls.FEATURE_WIDTH, device=device)
+        freq = (channel // 2 % 8 + 1).double() * math.pi / cls.GRID
+        phase = (channel // 16).double() * (2 * math.pi / 80)
+        rows = torch.sin(grid[:, None] * freq + phase)  # [7, 1280]
+        by_row = rows[:, None, :].expand(cls.GRID, cls.GRID, -1)
+        by_col = rows[None, :, :].expand(cls.GRID, cls.GRID, -1)
+        code = torch.where(channel % 2 == 0, by_row, by_col).reshape(cls.GRID ** 2, cls.FEATURE_WIDTH)
+        return (cls.POSITION_AMPLITUDE * code).float()
 
     @property
     def output_width(self) -> int:
-        return 1280
+        return self.FEATURE_WIDTH
 
     @property
     def num_tokens(self) -> int:
-        return 49
+        return self.GRID ** 2 + self.label_tokens
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(pixel_values.to(next(self.net.parameters()).dtype))
+    def forward(self, pixel_values: torch.Tensor, class_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """`class_probs` [images, 1000] replaces the classifier's probabilities where a row is not NaN
+        (training on made-up predictions teaches the blocks to name any class)."""
+        features = self.net.forward_features(pixel_values.to(next(self.net.parameters()).dtype))
+        tokens = features
+        if self.uses_position_code:
+            tokens = features + self.sinusoidal_grid(features.device).to(features.dtype)
+        if not self.label_tokens:
+            return tokens
+        probs = self.net._fc(features.mean(dim=1)).float().softmax(dim=-1)
+        if class_probs is not None:
+            given = ~class_probs.isnan().any(dim=-1)
+            probs = torch.where(given[:, None], class_probs.to(probs.device, probs.dtype).nan_to_num(0.0), probs)
+        return torch.cat([tokens, self.label_token_values(probs).to(tokens.dtype)], dim=1)
+
+    def label_token_values(self, probs: torch.Tensor) -> torch.Tensor:
+        """[images, 1000] probabilities → [images, label_tokens, 1280]: class-name embedding | probability,
+        log-probability / 10 | rank one-hot | 1 (marks a label token) | zeros."""
+        k, width = self.label_tokens, self.label_width
+        top = probs.topk(k, dim=-1)
+        n = probs.shape[0]
+        out = torch.zeros(n, k, self.FEATURE_WIDTH, dtype=torch.float32, device=probs.device)
+        out[..., :width] = self.class_names.float()[top.indices]
+        out[..., width] = top.values
+        out[..., width + 1] = top.values.clamp_min(1e-6).log() / 10
+        out[..., width + 2: width + 2 + k] = torch.eye(k, device=probs.device)
+        out[..., width + 2 + k] = 1.0
+        return out

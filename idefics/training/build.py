@@ -61,7 +61,8 @@ class ModelSpec:
     language_config: dict[str, Any] | None = None  # HF LLaMA config keys, for language: random
     tokenizer: str | None = None  # tokenizer folder (default: the language source's own tokenizer)
     vision: str = "efficientnet_lite0"
-    vision_config: dict[str, Any] | None = None  # VisionConfig keys, for clip
+    # VisionConfig keys, for clip; for efficientnet_lite0: label_tokens (top-k class tokens), position_code
+    vision_config: dict[str, Any] | None = None
     perceiver: dict[str, Any] | None = field(default_factory=lambda: {"n_latents": 64, "depth": 6, "heads": 16,
                                                                         "head_dim": 96, "qk_norms": True})
     cross_layer_interval: int = 4
@@ -148,8 +149,13 @@ def random_llama_state(config: dict[str, Any], seed: int, std: float = 0.02) -> 
 def vision_config_for(source: str, config: dict[str, Any] | None) -> tuple[VisionConfig, ImageSettings]:
     """The VisionConfig and image preprocessing (size, mean, std) a vision source needs."""
     if source == "efficientnet_lite0":
+        options = dict(config or {})
+        unknown = sorted(set(options) - {"label_tokens", "position_code"})
+        if unknown:
+            raise ValueError(f"model.vision_config for efficientnet_lite0: unknown keys {unknown} "
+                             "(label_tokens, position_code)")
         # The TF-trained Lite models read pixels in [-1, 1]: (x/255 - 0.5) / 0.5.
-        return (VisionConfig(model_type="efficientnet_lite0", embed_dim=1280, image_size=224),
+        return (VisionConfig(model_type="efficientnet_lite0", embed_dim=1280, image_size=224, extra=options),
                 ImageSettings(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     if source == "clip" or source.startswith("clip:"):
         vc = VisionConfig.from_dict({**(config or {}), "model_type": "idefics_vision"})
@@ -204,6 +210,8 @@ def idefics_config(language: dict[str, Any], vision: VisionConfig, spec: ModelSp
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise ValueError(f"language backbone uses RoPE scaling {rope}; only default RoPE is supported")
     eos = language.get("eos_token_id")
+    if vision.extra.get("label_tokens"):  # class-name tokens live in the language model's embedding space
+        vision.extra["label_width"] = language["hidden_size"]
     config = IdeficsConfig(
         vocab_size=language["vocab_size"], additional_vocab_size=len(spec.new_tokens),
         hidden_size=language["hidden_size"], intermediate_size=language["intermediate_size"],
@@ -320,8 +328,9 @@ def build_model(spec: ModelSpec, tokenizer_dir: str | Path) -> tuple[Idefics, To
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_backbone_tensors(model, backbone.state_dict, LANGUAGE_PREFIXES, f"language ({spec.language})")
-    load_backbone_tensors(model, vision_state(spec.vision, model, spec.seed, spec.init_std), (VISION_PREFIX,),
-                          f"vision ({spec.vision})")
+    vision = {**vision_state(spec.vision, model, spec.seed, spec.init_std),
+              **class_name_state(config, backbone)}
+    load_backbone_tensors(model, vision, (VISION_PREFIX,), f"vision ({spec.vision})")
     init_new_blocks(model, spec.init_std, spec.seed)
     init_new_token_rows(model, tokenizer, spec.new_tokens, spec.init_new_tokens_from)
     return model, tokenizer, images
@@ -335,6 +344,7 @@ def backbone_state_dict(sources: dict[str, str], config: IdeficsConfig) -> dict[
     if unknown:
         raise ValueError(f"idefics_backbones: unknown parts {unknown} (language, vision)")
     out: dict[str, torch.Tensor] = {}
+    lang = None
     if "language" in sources:
         if sources["language"] == "random":
             raise ValueError("idefics_backbones: language 'random' cannot be rebuilt from its name")
@@ -343,7 +353,23 @@ def backbone_state_dict(sources: dict[str, str], config: IdeficsConfig) -> dict[
                     if not (config.tie_word_embeddings and k == "lm_head.weight")})
     if "vision" in sources:
         out.update(vision_state(sources["vision"]))
+        if config.vision_config.extra.get("label_tokens"):
+            if lang is None:
+                raise ValueError("idefics_backbones: class-name tokens are rebuilt from the language backbone, "
+                                 "which must be named too")
+            out.update(class_name_state(config, lang))
     return out
+
+
+def class_name_state(config: IdeficsConfig, language: LanguageBackbone) -> dict[str, torch.Tensor]:
+    """The frozen class-name table of a vision encoder with label tokens (else nothing): the language model's
+    embeddings of the ImageNet class names (`backbones.imagenet`)."""
+    if not config.vision_config.extra.get("label_tokens"):
+        return {}
+    from ..backbones.imagenet import name_embeddings
+
+    embed = language.state_dict["model.embed_tokens.weight"]
+    return {VISION_PREFIX + "class_names": name_embeddings(embed, language.tokenizer)}
 
 
 def freeze(model: nn.Module, trainable: list[str] | tuple[str, ...] = RECIPE_TRAINABLE) -> list[str]:

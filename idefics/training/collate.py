@@ -57,6 +57,8 @@ class Encoded:
     key: str = ""
     shard: str = ""
     source: str = ""
+    # per image: made-up classifier predictions {class id: probability} (meta "class_probs"), or None
+    class_probs: list[dict[int, float] | None] = field(default_factory=list)
 
 
 def sample_segments(sample: Sample) -> list[Segment]:
@@ -152,7 +154,22 @@ class SampleEncoder:
             except ImageError as error:
                 raise DataError(str(error), key=sample.key, shard=sample.shard, category="image") from None
             pixels.append(preprocess(image, self.images.size, self.images.mean, self.images.std))
-        return Encoded(ids, labels, pixels, sample.key, sample.shard, source)
+        return Encoded(ids, labels, pixels, sample.key, sample.shard, source,
+                       class_probs=self.class_probs(sample, len(pixels)))
+
+    @staticmethod
+    def class_probs(sample: Sample, n_images: int) -> list[dict[int, float] | None]:
+        given = sample.meta.get("class_probs")
+        if given is None:
+            return [None] * n_images
+        if not isinstance(given, list) or len(given) != n_images:
+            raise DataError(f"meta.class_probs must list one entry (or null) per image ({n_images})",
+                            key=sample.key, shard=sample.shard, category="field")
+        try:
+            return [None if g is None else {int(c): float(p) for c, p in g} for g in given]
+        except (TypeError, ValueError):
+            raise DataError("meta.class_probs entries must be [[class id, probability], ...] or null",
+                            key=sample.key, shard=sample.shard, category="field") from None
 
 
 def pack(encoded: Iterable[Encoded], seq_len: int, max_images: int) -> Iterator[list[Encoded]]:
@@ -180,6 +197,7 @@ class Collator:
     eos_token_id: int
     image_size: int
     pad_to: int | None = None  # pad every batch to this length (constant shapes) instead of the longest row
+    num_classes: int = 1000  # width of `image_class_probs` (made-up classifier predictions, when a sample has them)
     stats: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, rows: list[list[Encoded]]) -> dict[str, torch.Tensor]:
@@ -201,8 +219,18 @@ class Collator:
                 pixel_values[b, : len(pixels)] = torch.stack(pixels)
         mask = image_attention_mask(input_ids, self.image_token_id, self.eos_token_id, n)
         mask = mask * attention[..., None]  # padding sees no image
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
-                "pixel_values": pixel_values, "image_attention_mask": mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
+                 "pixel_values": pixel_values, "image_attention_mask": mask}
+        given = [[p for s in row for p in (s.class_probs or [None] * len(s.images))] for row in rows]
+        if any(p is not None for row in given for p in row):
+            probs = torch.full((len(rows), n, self.num_classes), float("nan"))  # NaN: the classifier's own
+            for b, row in enumerate(given):
+                for i, p in enumerate(row):
+                    if p is not None:
+                        probs[b, i] = 0.0
+                        probs[b, i, list(p)] = torch.tensor(list(p.values()))
+            batch["image_class_probs"] = probs
+        return batch
 
 
 def with_blank_image(batch: dict[str, torch.Tensor], image_token_id: int) -> dict[str, torch.Tensor]:

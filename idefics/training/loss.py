@@ -56,8 +56,13 @@ class LossModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None,
-                image_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden, _ = self.model.model(input_ids, attention_mask, pixel_values, image_attention_mask)
+                image_attention_mask: torch.Tensor | None = None,
+                image_class_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states = None
+        if image_class_probs is not None and pixel_values is not None:  # made-up classifier predictions
+            states = self.model.model.encode_images(pixel_values, image_attention_mask, image_class_probs)
+            pixel_values = None
+        hidden, _ = self.model.model(input_ids, attention_mask, pixel_values, image_attention_mask, states)
         targets = shift_labels(labels)
         keep = targets != IGNORE_INDEX
         ce, z = loss_terms(self.model.lm_head(hidden[keep]), targets[keep])
