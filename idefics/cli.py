@@ -10,7 +10,7 @@ from typing import Any
 
 # Modules that add a sub-command through `register(subparsers)`; a missing one is skipped, not fatal.
 EXTENSIONS = ("idefics.serving.server", "idefics.training.cli", "idefics.eval.cli", "idefics.data.synthetic",
-              "idefics.mini_cli")
+              "idefics.mini.demo")
 
 GENERATE_EPILOG = """\
 Items are the prompt, in order. Plain arguments are text; mark images with the prefix `image:` (a file path,

@@ -17,7 +17,7 @@ train() {
 [[ -f $DATA/manifest.json ]] || idefics data make-mini $DATA --seed 0
 [[ -f runs/mini_pretrain/export/config.json ]] || train configs/mini_pretrain.yaml --resume
 [[ -f runs/mini_instruct/export/config.json ]] || train configs/mini_instruct.yaml --resume
-python -m idefics.mini_export runs/mini_instruct/export idefics/assets/idefics-mini
+python -m idefics.mini.export runs/mini_instruct/export idefics/assets/idefics-mini
 mkdir -p reports
 cp runs/mini_pretrain/loss.png reports/idefics-mini-pretrain-loss.png
 cp runs/mini_instruct/loss.png reports/idefics-mini-instruct-loss.png

@@ -13,12 +13,12 @@ import torch
 import idefics
 from conftest import random_image
 from idefics.mini import ASSET_DIR
-from idefics.mini_report import gates_closed, majority_baseline, normalise
+from idefics.mini.report import gates_closed, majority_baseline, normalise
 
 FIXED_PROMPT = """
 import random, sys
 import idefics
-from idefics.mini_cli import held_out_examples
+from idefics.mini.demo import held_out_examples
 label, image, question, expected = held_out_examples()[0]
 pipe = idefics.load()
 answer = pipe.generate(["User:", image, question + "<end_of_utterance>", "\\nAssistant:"], max_new_tokens=6,
@@ -63,7 +63,7 @@ def test_report_helpers():
 
 
 def test_new_format_prompt_and_scoring():
-    from idefics.mini_fewshot import build_prompt, is_correct, label_of, prefix_of
+    from idefics.mini.fewshot import build_prompt, is_correct, label_of, prefix_of
 
     assert prefix_of("Tag: {x}") == "Tag:" and prefix_of("<{x}>") == "<"
     assert build_prompt([("img1", "red"), ("img2", "blue")], "query", "Tag: {x}") == [

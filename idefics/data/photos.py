@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from idefics.backbones.imagenet import NUM_CLASSES, class_names, with_article
+from idefics.backbones.imagenet import NUM_CLASSES, class_names, describe, with_article
 from idefics.data.language import NUMBER_WORDS
 from idefics.data.render import IMAGE_SIZE, draw_digit
 from idefics.data.schema import Sample, Turn
@@ -47,7 +47,7 @@ N_DIGITS_TEST = 300  # the last 300 scikit-learn digits: test only
 N_DIGITS_VAL = 150
 NAME_QUESTIONS = ("What is in this picture?", "What is this?", "What is shown in the image?",
                   "Name the main object in the picture.", "What object is this?", "What is in the image?")
-NAME_ANSWERS = ("{A}.", "{A}.", "{A}.", "This is {a}.", "It is {a}.", "{bare}")
+NAME_ANSWERS = ("{A}.", "{A}.", "{A}.", "This is {a}.", "It is {a}.")
 DIGIT_QUESTIONS = (("What digit is this?", "digit"), ("Which number is written here?", "digit"),
                    ("What number is shown? Answer with a word.", "word"), ("Read the handwritten digit.", "digit"))
 SIZES = {"names": 16000, "fashion": 12000, "digits": 6000}
@@ -147,10 +147,9 @@ def made_up_prediction(rng: random.Random) -> list[list[float]]:
     return [[top, round(p_top, 4)]] + [[c, round(p, 4)] for c, p in zip(others, probs)]
 
 
-def answer_text(name: str, rng: random.Random) -> str:
-    phrase = with_article(name)
-    template = rng.choice(NAME_ANSWERS)
-    return template.format(A=phrase[0].upper() + phrase[1:], a=phrase, bare=name)
+def answer_text(phrase: str, rng: random.Random) -> str:
+    """"An espresso, a kind of coffee." or "This is a sneaker." for a phrase with its article."""
+    return rng.choice(NAME_ANSWERS).format(A=phrase[0].upper() + phrase[1:], a=phrase)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def names_sample(rng: random.Random, key: str, split: str, _: Any) -> Sample:
     image, carrier = carrier_image(rng)
     prediction = made_up_prediction(rng)
     name = class_names()[prediction[0][0]]
-    return chat_sample(key, image, rng.choice(NAME_QUESTIONS), answer_text(name, rng),
+    return chat_sample(key, image, rng.choice(NAME_QUESTIONS), answer_text(describe(prediction[0][0]), rng),
                        {"task": "name", "class": prediction[0][0], "name": name, "class_probs": [prediction],
                         **carrier})
 
@@ -175,7 +174,7 @@ def fashion_sample(rng: random.Random, key: str, split: str, indices: dict) -> S
     index = rng.choice(indices["fashion"][split])
     name = FASHION_NAMES[int(labels[index])]
     image = Image.fromarray(images[index], mode="L")
-    return chat_sample(key, image, rng.choice(NAME_QUESTIONS), answer_text(name, rng),
+    return chat_sample(key, image, rng.choice(NAME_QUESTIONS), answer_text(with_article(name), rng),
                        {"task": "fashion", "label": int(labels[index]), "name": name, "index": int(index)})
 
 

@@ -53,8 +53,8 @@ def held_out_examples(seed: int = 0) -> list[tuple[str, Image.Image, str, str]]:
     """(label, image, question, expected answer) of test-split kinds the model never saw in training."""
     from sklearn.datasets import load_digits
 
-    from .data.render import draw_digit, draw_scene, draw_text
-    from .data.synthetic import choose_held_out
+    from ..data.render import draw_digit, draw_scene, draw_text
+    from ..data.synthetic import choose_held_out
 
     digits = load_digits()
     held = choose_held_out(seed, len(digits.images))

@@ -4,7 +4,7 @@ The export holds only the trained tensors (perceiver, gated cross-attention, new
 `idefics_backbones` in config.json naming where the frozen ones come from (installed wheels). Tensors are
 stored in bfloat16 to halve the size of the committed file; `idefics.load()` gives float32 unless asked.
 
-    python -m idefics.mini_export runs/mini_instruct/export idefics/assets/idefics-mini
+    python -m idefics.mini.export runs/mini_instruct/export idefics/assets/idefics-mini
 """
 
 from __future__ import annotations
@@ -46,5 +46,5 @@ def export_mini(source: str | Path, target: str | Path) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m idefics.mini_export EXPORT_DIR TARGET_DIR")
+        raise SystemExit("usage: python -m idefics.mini.export EXPORT_DIR TARGET_DIR")
     print(export_mini(sys.argv[1], sys.argv[2]))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .data.language import HELD_OUT_FORMATS
-from .data.shards import ShardReader, expand_shards
+from ..data.language import HELD_OUT_FORMATS
+from ..data.shards import ShardReader, expand_shards
 
 LABEL_KINDS = ("colour", "shape", "count", "digit")
 SHOTS = (0, 1, 2, 4)
