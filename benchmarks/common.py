@@ -32,7 +32,7 @@ BENCH_463M = dict(
                        num_attention_heads=12, hidden_act="gelu"),
 )
 
-# idefics-9b exactly (reference/idefics_spec.md 1.2): LLaMA-7B + CLIP ViT-H/14 + perceiver, xattn every 4 layers.
+# idefics-9b exactly (its config.json): LLaMA-7B + CLIP ViT-H/14 + perceiver, xattn every 4 layers.
 IDEFICS_9B = dict(
     vocab_size=32000, additional_vocab_size=2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048, cross_layer_interval=4,

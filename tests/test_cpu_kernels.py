@@ -27,8 +27,7 @@ def test_kernel_builds_here():
 
 
 def test_ops_run_on_torchs_threads():
-    """The ops' `at::parallel_for` must use torch's threads: built without OpenMP it silently ran on one
-    (sessions 4-6 measured everything at 1 thread and did not notice)."""
+    """The ops' `at::parallel_for` must use torch's threads: built without OpenMP it silently runs on one."""
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):

@@ -1,5 +1,5 @@
 """CIDEr-D and the PTB tokenizer against the reference vectors, pycocoevalcap called directly, and an
-independent re-implementation of the CIDEr-D formula written from eval_serving.md §2.2."""
+independent re-implementation of the CIDEr-D formula (Vedantam et al. 2015, as pycocoevalcap computes it)."""
 
 import json
 import math

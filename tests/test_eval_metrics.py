@@ -1,5 +1,5 @@
 """VQA accuracy, post-processing, ROC AUC and top-k accuracy against the reference vectors
-(shared/reference/vectors, computed by running the reference implementations) and independent formulas."""
+(tests/vectors, computed by running the reference implementations) and independent formulas."""
 
 import itertools
 import json
@@ -24,14 +24,14 @@ from idefics.eval.metrics import (
     yes_probability,
 )
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vectors"
+VECTORS = Path(__file__).parent / "vectors"  # outputs of the reference implementations
 VARIANT_KEYS = {"openflamingo": "OF", "official2016": "O2016", "official2021": "O2021"}
 DISTINCT = ["dog", "bird", "fish", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear"]
 
 
 def load_vectors(name):
     path = VECTORS / name
-    assert path.is_file(), f"reference vectors missing: {path} (shared/ must sit beside the repo)"
+    assert path.is_file(), f"reference vectors missing: {path}"
     return json.loads(path.read_text())
 
 
@@ -54,7 +54,7 @@ def _vizwiz_q0(with_ids):
     return recs
 
 
-# GT answers of each vector case, as described in eval_serving.md §2.1 (the JSON holds only the case names).
+# GT answers of each vector case (the JSON holds only the case names).
 # Plain strings get distinct answer_ids, like VQAv2 annotations.
 VQA_CASE_ANSWERS = {
     "10x'yes', pred 'yes'": ["yes"] * 10,

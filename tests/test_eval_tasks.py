@@ -251,7 +251,7 @@ def test_score_vqa_postprocesses_generations(vqa_files):
 
 def test_score_captions_is_cider_times_100():
     # The PTB pipeline vector of cider_vectors.json, through raw generations with trailing junk.
-    vectors = Path(__file__).resolve().parents[1].parent / "shared/reference/vectors/cider_vectors.json"
+    vectors = Path(__file__).parent / "vectors" / "cider_vectors.json"
     case = json.loads(vectors.read_text())["ptb_pipeline"]
     samples = [Sample(k, Path(f"{k}.jpg"), {}, tuple(c["caption"] for c in v)) for k, v in case["raw_gts"].items()]
     raw = [v[0]["caption"] + "\nOutput: junk" for v in case["raw_res"].values()]

@@ -1,7 +1,7 @@
 """Text templates of the synthetic idefics-mini data: captions, questions, document paragraphs, text-only samples.
 
 Pure functions of (ground-truth meta, random.Random). Many templates and answer formats on purpose: a model
-trained on one fixed phrasing loses the LM's in-context format copying (see offline_assets.md).
+trained on one fixed phrasing loses the LM's in-context format copying (measured: a miniature IDEFICS trained on one answer format ignored 2-4 demonstrations of a new one).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A prompt is the project's prompt format: a list whose items are `str` (text) or images (PIL.Image.Image,
 pathlib.Path, bytes). Here images are the samples' file paths; the pipeline opens them.
 
-Protocol (eval_serving.md §1): demonstrations are drawn at random from a support set, or by RICES (the
+Protocol (Flamingo / OpenFlamingo): demonstrations are drawn at random from a support set, or by RICES (the
 support images most similar to the query, most similar LAST, i.e. next to the query); "0-shot" means two
 demonstrations shown as text only, hinting the answer format without showing any image but the query's.
 """

@@ -1,7 +1,7 @@
 """Metrics of the few-shot evaluation protocol: VQA accuracy, CIDEr-D, ROC AUC, top-k accuracy.
 
-The VQA normalisation reproduces the official GT-Vision-Lab evaluation byte for byte, quirks included
-(see eval_serving.md §2.1): three published variants disagree on edge cases, so the variant is a parameter.
+The VQA normalisation reproduces the official GT-Vision-Lab evaluation byte for byte, quirks included:
+three published variants disagree on edge cases, so the variant is a parameter.
 CIDEr-D is pycocoevalcap's own scorer behind its PTB tokenizer (a Java program). ROC AUC is scikit-learn's.
 """
 

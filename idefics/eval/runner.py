@@ -1,7 +1,7 @@
 """The few-shot evaluation loop: tasks x shots x seeds, one `EvalResult` per run, reported as JSON, a
 markdown table and a PNG plot (report.py).
 
-One run (task, shots, seed), as the reference harness (eval_serving.md §1):
+One run (task, shots, seed), as OpenFlamingo's evaluation harness:
   1. the evaluation samples (all, or `limit` drawn with the seed) and a support set of `support_size`
      training samples drawn with the seed;
   2. per query, `effective_num_shots(shots)` demonstrations: random (drawn from (seed, query id)), or RICES

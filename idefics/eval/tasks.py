@@ -1,7 +1,7 @@
 """Evaluation task families: prompt templates, decoding settings, data loading and scoring per task.
 
 Templates and decoding follow the only public executable reference of the Flamingo protocol, OpenFlamingo's
-harness (eval_serving.md §1.2). IDEFICS's own harness strings are not public. The end-of-demonstration marker
+harness. IDEFICS's own harness strings are not public. The end-of-demonstration marker
 ("<|endofchunk|>" in OpenFlamingo) is a parameter of the template, since IDEFICS tokenizers have no such token.
 """
 

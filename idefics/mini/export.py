@@ -4,7 +4,7 @@ The export holds only the trained tensors (perceiver, gated cross-attention, new
 `idefics_backbones` in config.json naming where the frozen ones come from (installed wheels). Tensors are
 stored in bfloat16 to halve the size of the committed file; `idefics.load()` gives float32 unless asked.
 
-    python -m idefics.mini.export runs/mini_instruct/export idefics/assets/idefics-mini
+    python -m idefics.mini.export runs/mini_photos/export idefics/assets/idefics-mini
 """
 
 from __future__ import annotations

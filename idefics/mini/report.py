@@ -1,18 +1,17 @@
-"""The idefics-mini report: what the embedded model can do, measured on the synthetic TEST split only.
+"""The idefics-mini report: what the embedded model sees, on images it never saw in training.
 
-1. Instruct-format question answering by question type (colour, shape, count, position, reading, digits, ...),
-   greedy, exact match after normalisation — against the most-frequent-answer baseline ("chance") and against
-   the same model with every cross-attention gate forced to zero (the text-only ablation). Held-out
-   combinations (colour-shape pairs, words, digit images never seen in training) are also scored apart.
-2. In-context learning of a new answer format (`idefics.mini_fewshot`): demonstrations alone say what to
-   name (colour, shape, count, digit) and how to write it, in a format never used in training; accuracy at
-   0/1/2/4 shots for the model and for its gates-closed ablation, with a plot of accuracy vs shots.
-3. The evaluation harness (`idefics/eval`) on the offline VQA tasks in OpenFlamingo's prompt format
-   ("<image>Question: ... Short answer: ..."), with the Flamingo protocol (0 shots = two text-only
-   demonstrations), at the same shots.
+1. Real photos bundled with scikit-image, scikit-learn and matplotlib, asked "What is in this picture?": the
+   answer verbatim, whether it names the main object, beside the frozen ImageNet classifier's own top-1 and the
+   same model with its cross-attention gates closed (the language model alone).
+2. Fashion-MNIST's test split and the last 300 scikit-learn digits (real photos and real handwriting), beside
+   the gates-closed model and a linear probe on the frozen backbone's features.
+3. The synthetic test split: questions by type (colour, shape, count, position, reading, ...), against the
+   most-frequent-answer baseline and the gates-closed model.
+4. In-context learning of answer formats never used in training (`idefics.mini.fewshot`), 0/1/2/4 shots.
+5. Text-only prompts: the same greedy answers as the frozen SmolLM2 run by transformers (when installed).
 
     python -m idefics.mini_report --data data/mini --out reports      # the embedded model
-    python -m idefics.mini_report --model runs/mini_instruct/export --data data/mini --limit 40
+    python -m idefics.mini_report --model runs/mini_photos/export --per-type 20 --real 100
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.shards import ShardReader, expand_shards
+from . import realworld
 
 
 def normalise(text: str) -> str:
@@ -151,49 +151,23 @@ def new_format_lines(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-PHOTO_QUESTIONS = ("Describe the picture.", "How many shapes are in the picture?", "What does the text say?")
-
-
-def photo_answers(pipe) -> list[dict]:
-    """What the model says about real photos it was never trained on (qualitative)."""
-    from .demo import chat, photos
-
-    return [{"photo": label, "question": q,
-             "answer": pipe.generate(chat(image, q), max_new_tokens=16, add_end_of_utterance_token=False)[0].strip()}
-            for label, image in photos() for q in PHOTO_QUESTIONS]
-
-
-def photo_lines(answers: list[dict]) -> list[str]:
-    lines = ["", "## Real photos (qualitative)", "",
-             "idefics-mini was trained only on synthetic scenes, digits and rendered words; these photos from "
-             "scikit-image, scikit-learn and matplotlib were kept out of training. Its answers, verbatim "
-             "(greedy, 16 tokens):", "", "| photo | " + " | ".join(PHOTO_QUESTIONS) + " |",
-             "|---|" + "---|" * len(PHOTO_QUESTIONS)]
-    by_photo: dict[str, dict[str, str]] = {}
-    for a in answers:
-        by_photo.setdefault(a["photo"], {})[a["question"]] = a["answer"].replace("|", "/").replace("\n", " ")
-    for photo, row in by_photo.items():
-        lines.append(f"| {photo} | " + " | ".join(row.get(q, "") for q in PHOTO_QUESTIONS) + " |")
-    return lines
-
-
-def write_report(out: Path, model_name: str, table: dict, baseline: dict, new_format: dict[str, list[dict]],
-                 fewshot: list[Any], seconds: float, photos: list[dict] = ()) -> Path:
+def write_report(out: Path, model_name: str, real: dict, table: dict, baseline: dict,
+                 new_format: dict[str, list[dict]], fewshot: list[Any], seconds: float) -> Path:
     lines = [f"# idefics-mini report ({model_name})", "",
-             "Synthetic **test** split only (`idefics data make-mini`, seed 0); greedy decoding; exact match after "
-             "lower-casing and removing punctuation. `gates = 0` is the same model with every cross-attention "
-             "gate closed (the language model alone, which cannot see the image).", "",
-             "## Instruct-format questions", "",
-             "| question type | n | idefics-mini | gates = 0 | chance (always the most frequent answer) |",
-             "|---|---|---|---|---|"]
+             "Only images never used in training; greedy decoding. `gates = 0` is the same model with every "
+             "cross-attention gate closed (the language model alone, which cannot see the image).", ""]
+    lines += realworld.lines(real["photos"], real.get("fashion"), real.get("digits"), real.get("text"))
+    lines += ["", "## Synthetic test split, instruct-format questions", "",
+              "The test split of `idefics data make-mini` (seed 0); exact match after lower-casing and removing "
+              "punctuation.", "",
+              "| question type | n | idefics-mini | gates = 0 | chance (always the most frequent answer) |",
+              "|---|---|---|---|---|"]
     for kind, row in table["model"].items():
         ablated = table["ablation"].get(kind, {}).get("accuracy", float("nan"))
         lines.append(f"| {kind} | {row['n']} | {row['accuracy']:.1f} | {ablated:.1f} | "
                      f"{baseline.get(kind, float('nan')):.1f} |")
     if new_format:
         lines += new_format_lines(new_format)
-    if photos:
-        lines += photo_lines(list(photos))
     if fewshot:
         lines += ["", "## The evaluation harness, OpenFlamingo prompt format", "",
                   "Prompt format never used in training: `<image>Question: ... Short answer: ...` (OpenFlamingo's), "
@@ -214,13 +188,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded idefics-mini)")
     parser.add_argument("--data", default="data/mini", help="output of `idefics data make-mini`")
-    parser.add_argument("--out", default="reports", help="where the report, JSON and plot go")
-    parser.add_argument("--per-type", type=int, default=40, help="test questions per question type")
+    parser.add_argument("--out", default="reports", help="where the report, JSON and plots go")
+    parser.add_argument("--real", type=int, default=500, help="Fashion-MNIST test photos to ask about (0: skip "
+                        "Fashion-MNIST and the digits)")
+    parser.add_argument("--probe-train", type=int, default=3000,
+                        help="Fashion-MNIST training photos for the linear probe baseline")
+    parser.add_argument("--per-type", type=int, default=40, help="synthetic test questions per question type")
     parser.add_argument("--new-format-queries", type=int, default=60,
                         help="queries per label kind in the new-format few-shot test (0: skip)")
-    parser.add_argument("--fewshot-limit", type=int, default=30,
-                        help="queries per evaluation-harness task (0: skip)")
+    parser.add_argument("--fewshot-limit", type=int, default=0,
+                        help="queries per evaluation-harness task in OpenFlamingo's prompt format (0: skip)")
     parser.add_argument("--shots", default="0,1,2,4")
+    parser.add_argument("--no-text", action="store_true", help="skip the text-only comparison with SmolLM2")
     args = parser.parse_args(argv)
     import idefics
 
@@ -228,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = idefics.load(args.model)
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
+    closed = lambda: gates_closed(pipe.model)  # noqa: E731
+    real: dict[str, Any] = {"photos": realworld.photos_section(pipe, closed)}
+    if args.real:
+        real["fashion"] = realworld.fashion_section(pipe, closed, args.real, args.probe_train)
+        real["digits"] = realworld.digits_section(pipe, closed)
+    if not args.no_text:
+        real["text"] = realworld.text_only_section(pipe)
     questions = test_questions(data, args.per_type)
     table = {"model": score(questions, answer_all(pipe, questions, "idefics-mini"))}
     with gates_closed(pipe.model):
@@ -240,12 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
         plot(new_format, out / "fewshot" / "new_format.png")
     fewshot = few_shot(pipe, data, out, args.fewshot_limit, shots) if args.fewshot_limit else []
-    photos = photo_answers(pipe)
-    (out / "idefics-mini.json").write_text(json.dumps({"table": table, "baseline": baseline,
+    (out / "idefics-mini.json").write_text(json.dumps({"real": real, "table": table, "baseline": baseline,
                                                        "new_format_fewshot": new_format,
-                                                       "fewshot": [vars(r) for r in fewshot],
-                                                       "photos": photos}, indent=2))
-    path = write_report(out, pipe.name, table, baseline, new_format, fewshot, time.time() - start, photos)
+                                                       "fewshot": [vars(r) for r in fewshot]}, indent=2))
+    path = write_report(out, pipe.name, real, table, baseline, new_format, fewshot, time.time() - start)
     print(path.read_text())
     return 0
 

@@ -23,7 +23,7 @@ examples:
   idefics train configs/mini_pretrain.yaml
   idefics train configs/mini_pretrain.yaml --set train.steps=2000 --set train.lr=3e-4
   idefics train configs/mini_pretrain.yaml --resume          # continue after a crash or kill -9
-  idefics train configs/mini_instruct.yaml --set init_from=runs/mini_pretrain/export
+  idefics train configs/mini_photos.yaml --set init_from=runs/mini_pretrain/export
   idefics train configs/tiny.yaml --set model.tokenizer=TOKENIZER --set 'data.train=[{shards: DATA}]'
 
   # several processes (DDP; FSDP shards parameters, gradients and optimizer state):
