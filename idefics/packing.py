@@ -68,7 +68,7 @@ class PackedLinear(nn.Module):
     stay plain and are computed in float32 ("widened": `layout`), within a rounding of ATen's bf16 results.
     Otherwise oneDNN's blocked layout: plain
     `F.linear` re-arranges the weight on every call for bf16 and goes through MKL for float32, which runs its
-    slower generic path on this (AMD, AVX-512) CPU; the prepacked oneDNN kernel was measured 1.4-1.7x faster for
+    slower generic path on AMD AVX-512 CPUs, where the prepacked oneDNN kernel runs 1.4-1.7x faster for
     decoding and ~2x for float32 prefill. The state dict holds the plain weight (unpacked on save, repacked on
     load), so checkpoints and `state_dict()` are unchanged; no autograd."""
 
@@ -190,7 +190,7 @@ class FusedRows:
 class FusedLinear(FusedRows, PackedLinear):
     """Several bias-free packed linears that read the same input (q/k/v, gate/up), run as one matmul whose
     output is their outputs side by side: one kernel call and one pass over a longer weight instead of several
-    (measured 8% faster matrix-vector products on this machine). Each output row is computed as before, so
+    (about 8% faster matrix-vector products). Each output row is computed as before, so
     results are unchanged. The original layers stay in the module tree as `FusedPart`s that own the state-dict
     keys: this module saves and loads nothing itself."""
 

@@ -9,8 +9,8 @@ import torch
 import idefics
 from idefics.beam_search import beam_search, cut_at_stop_sequences
 from idefics.generation import decode
-from conftest import random_image
-from reference_checkpoints import reference_processor
+from tests.helpers import random_image
+from tests.reference_checkpoints import reference_processor
 
 MAX_NEW = 8
 

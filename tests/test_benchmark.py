@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from tests.helpers import REPO  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts are not a package
 import bench_speed  # noqa: E402
 import common  # noqa: E402
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import idefics
-from conftest import random_image
+from tests.helpers import random_image
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +52,7 @@ def parameter_lines(text: str) -> list[str]:
 
 
 def test_info_describes_idefics2(tmp_path):
-    from test_idefics2 import build_reference_idefics2
+    from tests.idefics2.test_idefics2 import build_reference_idefics2
 
     build_reference_idefics2(tmp_path / "v2", splitting=False)
     info = run("info", "--model", str(tmp_path / "v2"))

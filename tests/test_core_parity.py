@@ -9,8 +9,8 @@ import torch
 
 import idefics
 from idefics import packing
-from conftest import png_bytes, random_image
-from reference_checkpoints import CONFIGS, reference_processor
+from tests.helpers import png_bytes, random_image
+from tests.reference_checkpoints import CONFIGS, reference_processor
 
 ALL_CONFIGS = list(CONFIGS)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import idefics
-from conftest import png_bytes
+from tests.helpers import png_bytes
 from idefics.image_cache import ImageFeatureCache, image_key, with_cached_images
 
 

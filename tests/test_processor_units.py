@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import idefics
-from conftest import png_bytes, random_image
+from tests.helpers import png_bytes, random_image
 from idefics.images import ImageError, ImagePolicy, load_image, preprocess, to_rgb
 from idefics.processor import classify_items, image_attention_mask, prompt_text
 

@@ -10,7 +10,7 @@
 // Arithmetic: float32 throughout, as the float32 SDPA path it replaces (bf16 inputs are exact in float32):
 // s_j = (q . k_j) * scale (+ additive mask; boolean mask: hidden keys get weight 0), p_j = exp(s_j - max s),
 // out = (sum_j p_j v_j) / (sum_j p_j), rounded once to the output dtype. The summation order differs from
-// SDPA's, so results agree to float32 rounding (tests/test_cpu_attention.py), not bit for bit.
+// SDPA's, so results agree to float32 rounding (tests/cpu/test_cpu_attention.py), not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

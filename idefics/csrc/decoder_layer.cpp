@@ -5,7 +5,7 @@
 // tensor operations cost a few microseconds of argument parsing and module calls, ~1.5 ms of a ~21 ms step for
 // the 16 layers. Here the layer is the same sequence of the same operations (this extension's ops and ATen's),
 // called from C++ - so the results are those of `language_model.DecoderLayer.forward` and
-// `cross_attention.GatedCrossAttentionLayer.forward` bit for bit (tests/test_decoder_layer.py), and that Python
+// `cross_attention.GatedCrossAttentionLayer.forward` bit for bit (tests/cpu/test_decoder_layer.py), and that Python
 // code stays the definition of the layers.
 #include <ATen/ATen.h>
 #include <torch/library.h>

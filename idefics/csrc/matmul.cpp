@@ -1,7 +1,7 @@
 // y = x W^T (+ b) for CPU inference on AVX-512 (BF16): one kernel for decoding and prefill, weights in panels.
 //
 // Why a hand-written kernel: decoding one token is a matrix-vector product per layer, bound by how fast the
-// weights stream from memory. oneDNN's prepacked kernels read them at ~60-80% of this machine's streaming rate;
+// weights stream from memory. oneDNN's prepacked kernels read them at ~60-80% of the memory's streaming rate;
 // this one reads a layout made for it front to back and gets close to it, and it matches oneDNN on
 // prefill-sized products, so the model keeps one copy of each weight.
 //
@@ -251,7 +251,7 @@ at::Tensor unpack(const at::Tensor& packed, int64_t n, int64_t k) {
 
 // Input features summed apart before the partial sums are added. bf16 (and int8, on the bf16 tiles): oneDNN's K
 // block on AVX-512 BF16 without AMX, as measured: 512 for one row or K <= 1024, else 1024; summing the same way
-// makes every output bit-identical to oneDNN's (tests/test_cpu_kernels.py sweeps the shapes). float32: 128,
+// makes every output bit-identical to oneDNN's (tests/cpu/test_cpu_kernels.py sweeps the shapes). float32: 128,
 // as accurate as oneDNN's and MKL's GEMMs (one running sum over 11008 features erred ~10x more), at no cost.
 int64_t default_chunk(at::ScalarType weight, int64_t rows, int64_t k) {
   if (weight == at::kFloat) return 128;

@@ -6,7 +6,7 @@
 // copies) whose dispatch costs far more than the arithmetic. Together they were ~15% of a step.
 //
 // Arithmetic: the exact operations of the eager code in the same order, so results are bit-identical to it
-// (tests/test_cpu_norm_rope.py compares them on random data, every shape class):
+// (tests/cpu/test_cpu_norm_rope.py compares them on random data, every shape class):
 // * rms_norm: x in float32, s = sum(x*x) summed in the order of ATen's CPU sum kernel (8-lane vectors, four
 //   interleaved accumulators, cascade levels: `aten_row_sum`), var = s / D, r = 1 / sqrt(var + eps),
 //   y = x * r; for a bf16 weight y is rounded to bf16 and multiplied by the weight in float32, then rounded.
