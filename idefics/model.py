@@ -76,7 +76,9 @@ class IdeficsModel(nn.Module):
 
     @property
     def latents_per_image(self) -> int:
-        return self.config.image_latents or self.vision_model.num_tokens
+        if self.config.image_latents:  # the resampler's latents, plus tokens the encoder sends past it
+            return self.config.image_latents + getattr(self.vision_model, "passthrough_tokens", 0)
+        return self.vision_model.num_tokens
 
     def encode_images(self, pixel_values: torch.Tensor, image_attention_mask: torch.Tensor | None = None,
                       class_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +99,11 @@ class IdeficsModel(nn.Module):
             else:
                 features = self.vision_model(flat[used], class_probs.reshape(b * n, -1)[used])
             if self.config.use_resampler:
-                features = self.perceiver_resampler(features.to(dtype))
+                # an encoder's last `passthrough_tokens` tokens (idefics-mini's class names) are words, not
+                # features: they reach the cross-attention beside the latents, not through the resampler
+                skip = getattr(self.vision_model, "passthrough_tokens", 0)
+                latents = self.perceiver_resampler(features[:, :features.shape[1] - skip].to(dtype))
+                features = torch.cat([latents, features[:, features.shape[1] - skip:].to(dtype)], dim=1)
             out[used] = features.to(dtype)
         return out.view(b, n, *out.shape[1:])
 

@@ -150,9 +150,10 @@ class EfficientNetEncoder(nn.Module):
     convolutional feature carries little of where it is, and the perceiver has no position embedding of its
     own), then optionally `label_tokens` tokens that let the frozen ImageNet classifier speak: for each of its
     top-k classes, the language model's own embedding of the class name (`class_names`, [1000, label_width],
-    a frozen buffer rebuilt from the backbones' sources), its probability and its rank. The perceiver and the
-    cross-attention then only have to pass a word the language model already knows on to it, for all 1000
-    classes, including ones no training image showed.
+    a frozen buffer rebuilt from the backbones' sources), its probability and its rank. The cross-attention
+    then only has to pass a word the language model already knows on to it, for all 1000 classes, including
+    ones no training image showed. The label tokens skip the perceiver
+    (`passthrough_tokens`): the cross-attention reads them beside its latents, one linear map from the word.
     """
 
     FEATURE_WIDTH, GRID = 1280, 7
@@ -189,6 +190,11 @@ class EfficientNetEncoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.GRID ** 2 + self.label_tokens
+
+    @property
+    def passthrough_tokens(self) -> int:
+        """The label tokens go to the cross-attention as they are, beside the perceiver's latents."""
+        return self.label_tokens
 
     def forward(self, pixel_values: torch.Tensor, class_probs: torch.Tensor | None = None) -> torch.Tensor:
         """`class_probs` [images, 1000] replaces the classifier's probabilities where a row is not NaN

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-ASSET_DIR = Path(__file__).parent / "assets" / "idefics-mini"
+ASSET_DIR = Path(__file__).parents[1] / "assets" / "idefics-mini"
 
 
 def default_model_path() -> Path:

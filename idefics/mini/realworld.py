@@ -85,17 +85,23 @@ def digits_section(pipe, closed: Callable) -> dict:
 
 def text_only_section(pipe, max_new_tokens: int = 24) -> dict:
     """idefics-mini without an image against the frozen SmolLM2 run by transformers (the reference
-    implementation, from the same GGUF file), greedy."""
+    implementation, from the same GGUF file) on the same prompt tokens, greedy."""
     ours = [pipe.generate([p], max_new_tokens=max_new_tokens)[0] for p in TEXT_PROMPTS]
     try:
-        reference = smollm2_reference(max_new_tokens)
+        reference = smollm2_reference([prompt_ids(pipe, p) for p in TEXT_PROMPTS], max_new_tokens)
     except ImportError as error:
         return {"ours": ours, "reference": None, "note": f"transformers not installed ({error})"}
     return {"ours": ours, "reference": reference, "equal": sum(a == b for a, b in zip(ours, reference)),
             "n": len(TEXT_PROMPTS)}
 
 
-def smollm2_reference(max_new_tokens: int) -> list[str]:
+def prompt_ids(pipe, text: str) -> list[int]:
+    """The token ids idefics-mini reads for a text-only prompt (the processor puts the bos token first)."""
+    return pipe.processor([text])["input_ids"][0].tolist()
+
+
+def smollm2_reference(prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts by transformers' SmolLM2 (its own GGUF loader)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,12 +109,11 @@ def smollm2_reference(max_new_tokens: int) -> list[str]:
 
     path = find_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     out = []
-    for prompt in TEXT_PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    for ids in prompts:
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+            new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):]
         out.append(tokenizer.decode(new, skip_special_tokens=True))
     return out
 

@@ -84,3 +84,13 @@ def test_new_format_is_never_in_training_text():
     assert not trained & set(HELD_OUT_FORMATS)
     for fmt in HELD_OUT_FORMATS:  # not even the prefix, e.g. "Tag:" inside another format
         assert not any(fmt.split("{x}")[0].strip() in t for t in trained if t.split("{x}")[0].strip())
+
+
+@pytest.mark.skipif(not (ASSET_DIR / "config.json").exists(), reason="idefics-mini has not been exported yet")
+def test_text_only_prompts_answer_exactly_as_the_frozen_smollm2():
+    """No image, no cross-attention: the greedy answers are transformers' SmolLM2 (its own GGUF loader)."""
+    from idefics.mini.realworld import TEXT_PROMPTS, prompt_ids, smollm2_reference
+
+    pipe = idefics.load()
+    ours = [pipe.generate([prompt], max_new_tokens=12)[0] for prompt in TEXT_PROMPTS[:3]]
+    assert ours == smollm2_reference([prompt_ids(pipe, p) for p in TEXT_PROMPTS[:3]], 12)
