@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .model_options import add_model_options, load_from_args
+
 # Modules that add a sub-command through `register(subparsers)`; a missing one is skipped, not fatal.
 EXTENSIONS = ("idefics.serving.server", "idefics.training.cli", "idefics.eval.cli", "idefics.data.synthetic",
               "idefics.mini.demo")
@@ -56,31 +58,13 @@ def chat_prompt(items: list[Any]) -> list[Any]:
     return ["User:", *items, "<end_of_utterance>", "\nAssistant:"]
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (Hugging Face format); "
-                        "default: the embedded idefics-mini")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: float32 on CPU)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                        help="weight-only quantization of the decoder and cross-attention at load time "
-                        "(int8: ~2x smaller and faster than bf16; int4: ~4x, coarser)")
-
-
-def load_pipe(args: argparse.Namespace):
-    import idefics
-
-    return idefics.load(args.model, dtype=args.dtype, device=args.device,
-                        quantize=getattr(args, "quantize", None))
-
-
 def run_generate(args: argparse.Namespace) -> int:
     items = parse_items(args.items)
     if not items:
         raise SystemExit("error: give at least one prompt item (text, or image:PATH)")
     if args.chat:
         items = chat_prompt(items)
-    pipe = load_pipe(args)
+    pipe = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                    stop_sequences=args.stop, add_end_of_utterance_token=False if args.chat else None)
@@ -133,7 +117,7 @@ def describe_idefics2(config) -> list[str]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    pipe = load_pipe(args)
+    pipe = load_from_args(args)
     model, config, tok = pipe.model, pipe.config, pipe.tokenizer
     print(f"model: {pipe.name}  ({config.model_type}, {str(model.dtype).removeprefix('torch.')}, {model.device})")
     lines = describe_idefics2(config) if config.model_type == "idefics2" else describe_idefics(config, model.model)

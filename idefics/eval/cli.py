@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from ..model_options import add_model_options, load_from_args
+
 EVAL_DESCRIPTION = """\
 Evaluate a checkpoint with in-context few-shot learning, as the Flamingo / IDEFICS papers do, and write
 the scores as JSON, a markdown table and a PNG plot of score vs number of shots.
@@ -73,8 +75,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="few-shot evaluation on benchmarks (VQA, captioning, classification)",
                               description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="checkpoint folder (Hugging Face layout); default: the embedded idefics-mini")
     p.add_argument("--task", required=True, metavar="NAME[,NAME]", help="task name(s), comma-separated")
     p.add_argument("--data", required=True, metavar="PATH", help="data folder (mini-*) or data JSON file")
     p.add_argument("--shots", type=_int_list, default=[0, 4, 8], metavar="0,4,8",
@@ -95,16 +95,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="queries per batch (default 8)")
     p.add_argument("--vqa-variant", choices=["openflamingo", "official2016", "official2021"],
                    default="openflamingo", help="VQA accuracy variant (default openflamingo)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default float32 on CPU)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    add_model_options(p)  # under torchrun, --device cuda means cuda:LOCAL_RANK
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)
     return p
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import idefics
     from idefics.eval import distributed
     from idefics.eval.annotations import AnnotationError
     from idefics.eval.report import markdown_table
@@ -124,7 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
                             on_error=args.on_error, vqa_variant=args.vqa_variant, out_dir=args.out,
                             progress=not args.quiet)
         config.validate()
-        pipe = idefics.load(args.model, dtype=args.dtype, device=device)
+        pipe = load_from_args(args, device)
         results = run_eval(pipe, config)
         completed = True
     except (AnnotationError, EvalError, ValueError, FileNotFoundError) as error:

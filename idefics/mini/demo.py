@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import random
 import time
+
 from PIL import Image
+
+from ..model_options import add_model_options, load_from_args
 
 EPILOG = """\
 examples:
@@ -45,14 +48,12 @@ def held_out_examples(seed: int = 0) -> list[tuple[str, Image.Image, str, str]]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import idefics
-
     from ..backbones.imagenet import class_table
     from .heldout import PHOTO_TRUTH, bundled_photos, class_words, head_top1, mentions
     from .realworld import chat
 
     start = time.time()
-    pipe = idefics.load(args.model)
+    pipe = load_from_args(args)
     print(f"loaded {pipe.name} in {time.time() - start:.1f} s\n")
     print("Real photos bundled with scikit-image, scikit-learn and matplotlib (never in training):")
     for label, image in bundled_photos():
@@ -77,6 +78,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="idefics-mini answering questions about bundled images",
                                  description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--model", default=None, help="checkpoint folder (default: the embedded idefics-mini)")
+    add_model_options(demo)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(func=run_demo)

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.shards import ShardReader, expand_shards
+from ..model_options import add_model_options, load_from_args
 from . import realworld
 
 
@@ -186,7 +187,7 @@ def write_report(out: Path, model_name: str, real: dict, table: dict, baseline: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idefics.mini_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded idefics-mini)")
+    add_model_options(parser)
     parser.add_argument("--data", default="data/mini", help="output of `idefics data make-mini`")
     parser.add_argument("--out", default="reports", help="where the report, JSON and plots go")
     parser.add_argument("--real", type=int, default=500, help="Fashion-MNIST test photos to ask about (0: skip "
@@ -201,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", default="0,1,2,4")
     parser.add_argument("--no-text", action="store_true", help="skip the text-only comparison with SmolLM2")
     args = parser.parse_args(argv)
-    import idefics
-
     start = time.time()
-    pipe = idefics.load(args.model)
+    pipe = load_from_args(args)
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
     closed = lambda: gates_closed(pipe.model)  # noqa: E731

@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..model_options import add_model_options, load_from_args
 from .engine import Engine, ErrorEvent, Job, Overloaded
 from .inputs import image_policy, overloaded, prepare, tokenize
 from .metrics import Metrics
@@ -361,8 +362,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                           "continuous batching.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Limits()
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded idefics-mini)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_model_options(p)
     p.add_argument("--name", default=None, help="model name reported by /info and /v1/models")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
@@ -388,8 +388,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "from these hosts only ('*': any host); off by default")
     p.add_argument("--image-fetch-timeout", type=float, default=5.0, help="seconds (default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV})")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's "
-                   "choice; fewer can be faster for small models on a busy machine)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     p.set_defaults(func=serve)
     return p
@@ -408,14 +406,9 @@ def settings_from_args(args: argparse.Namespace, model_name: str) -> ServerSetti
 
 
 def serve(args: argparse.Namespace) -> None:
-    import torch
     import uvicorn
 
-    import idefics
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = idefics.load(args.model, dtype=args.dtype)
+    pipe = load_from_args(args)
     settings = settings_from_args(args, pipe.name)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: listening on {args.host} without an API key (--api-key or {API_KEY_ENV})")
