@@ -30,6 +30,6 @@ def backbone_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
     if not sources:
         return None
     from ..config import IdeficsConfig
-    from ..training.build import backbone_state_dict  # the same code that builds them for training
+    from ..backbones.sources import backbone_state_dict  # the same code that builds them for training
 
     return backbone_state_dict(sources, IdeficsConfig.from_dict(config))

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import save_model
 from ..config import IdeficsConfig
 from ..processor import ImageSettings
-from .build import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict, copy_tokenizer
+from ..backbones.sources import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict
+from .build import copy_tokenizer
 
 FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "rng.pt")
 
@@ -150,7 +151,7 @@ def export(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Pat
 
     With `backbones` (e.g. {"language": "gguf:smollm2", "vision": "efficientnet_lite0"}) only the tensors
     that are not the backbones' are written, and config.json gets `"idefics_backbones": backbones`; the
-    loader rebuilds the rest from those sources (`build.backbone_state_dict`). The backbone tensors are
+    loader rebuilds the rest from those sources (`backbones.sources.backbone_state_dict`). The backbone tensors are
     first compared with their sources, so a model whose backbone weights changed (trained, LoRA-merged)
     cannot be exported this way by mistake. `state` overrides `model.state_dict()` (FSDP gathers it)."""
     out_dir = Path(out_dir)

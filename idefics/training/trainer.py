@@ -32,7 +32,8 @@ from ..processor import ImageSettings
 from ..tokenizer import Tokenizer
 from . import distributed as dist_utils
 from .batches import BatchStream, SourceSpec
-from .build import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict, build_model, copy_tokenizer, freeze
+from ..backbones.sources import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict
+from .build import build_model, copy_tokenizer, freeze
 from .checkpoints import (CheckpointError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
                           save_checkpoint)
 from .collate import Collator, SampleEncoder, with_blank_image

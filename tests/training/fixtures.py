@@ -64,8 +64,6 @@ def write_shards(folder: Path, n: int = 48, per_shard: int = 16, kinds: str = "p
 
 def tiny_setup(root: Path) -> tuple[Path, Path]:
     """(tokenizer folder, shard folder) for configs/tiny.yaml, built once per folder."""
-    import sys
-
     from tests.reference_checkpoints import make_tokenizer
 
     tok, data = root / "tok", root / "data"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idefics.training.build import ModelSpec, build_model, freeze, random_llama_state
+from idefics.backbones.sources import random_llama_state
+from idefics.training.build import ModelSpec, build_model, freeze
 from tests.training.fixtures import tiny_setup
 
 LLAMA = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

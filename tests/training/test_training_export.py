@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from idefics.checkpoint import load_model
 from idefics.config import IdeficsConfig
 from idefics.data import Sample, ShardWriter, Turn
-from idefics.training.build import build_model, random_llama_state
+from idefics.backbones.sources import random_llama_state
+from idefics.training.build import build_model
 from idefics.training.checkpoints import export
 from idefics.training.config import load_config
 from idefics.training.trainer import train
@@ -66,7 +67,7 @@ def test_export_by_reference_leaves_out_backbones_and_loads_back(backbones, tmp_
     assert "model.embed_tokens.weight" not in stored and "lm_head.weight" not in stored
     assert "model.embed_tokens.additional_embedding.weight" in stored
     assert any(k.startswith("model.gated_cross_attn_layers.") for k in stored)
-    from idefics.training.build import backbone_state_dict
+    from idefics.backbones.sources import backbone_state_dict
 
     loaded = load_model(folder, extra_tensors=backbone_state_dict(config["idefics_backbones"],
                                                                   IdeficsConfig.from_json(folder / "config.json")))
