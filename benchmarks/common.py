@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from idefics.checkpoint import build_model
+from idefics.checkpoint import empty_model
 from idefics.config import IdeficsConfig
 from idefics.idefics2.config import Idefics2Config
 from idefics.processor import image_attention_mask
@@ -92,7 +92,7 @@ def write_random_checkpoint(folder: str | Path, config: dict, dtype: torch.dtype
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
     with torch.device("meta"):
-        shapes = {k: list(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        shapes = {k: list(v.shape) for k, v in empty_model(cfg).state_dict().items()}
     names, shard, size, weight_map, total = [], {}, 0, {}, 0
 
     def flush() -> None:

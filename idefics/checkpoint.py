@@ -194,7 +194,7 @@ def read_config(path: Path):
     return IdeficsConfig.from_json(path)
 
 
-def build_model(config) -> nn.Module:
+def empty_model(config) -> nn.Module:
     if config.model_type == "idefics2":
         from .idefics2.model import Idefics2
 
@@ -218,7 +218,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     config = read_config(folder / "config.json")
     target = resolve_dtype(dtype, DTYPES.get(config.torch_dtype or "", torch.float32))
     with torch.device("meta"):
-        model = build_model(config)
+        model = empty_model(config)
     from .quantize import check_mode
 
     quantize = check_mode(quantize)

@@ -1,6 +1,6 @@
 """Readers for the annotation formats of the evaluation datasets, which users download themselves.
 
-Every reader returns an `EvalSplit` of uniform `Sample`s. Bad input (missing image, malformed record, a
+Every reader returns an `EvalSplit` of uniform `EvalSample`s. Bad input (missing image, malformed record, a
 question without answers...) is reported with the file and the line or JSON item. With on_error="raise" the
 first problem stops loading with an `AnnotationError`; with on_error="skip" the bad samples are dropped, each
 problem is logged, and one warning gives the count. A file that cannot be read or parsed at all always raises.
@@ -27,7 +27,7 @@ class AnnotationError(ValueError):
 
 
 @dataclass(frozen=True)
-class Sample:
+class EvalSample:
     id: str
     image: Path
     fields: Mapping[str, str] = field(default_factory=dict)  # prompt-template fields: "question", "text"
@@ -38,17 +38,17 @@ class Sample:
 
 @dataclass
 class EvalSplit:
-    samples: list[Sample]
+    samples: list[EvalSample]
     class_names: tuple[str, ...] = ()  # candidate labels, for classification
     skipped: list[str] = field(default_factory=list)  # problems that were skipped (on_error="skip")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[EvalSample]:
         return iter(self.samples)
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, i: int) -> EvalSample:
         return self.samples[i]
 
 
@@ -67,14 +67,14 @@ class _Problems:
         logger.warning("skipping bad sample: %s", text)
         self.messages.append(text)
 
-    def finish(self, samples: list[Sample], class_names: tuple[str, ...] = ()) -> EvalSplit:
+    def finish(self, samples: list[EvalSample], class_names: tuple[str, ...] = ()) -> EvalSplit:
         if self.messages:
             warnings.warn(f"{self.source}: skipped {len(self.messages)} bad sample(s), kept {len(samples)}; "
                           f"first problem: {self.messages[0]}", stacklevel=3)
         return EvalSplit(samples, class_names, self.messages)
 
 
-def read_json(path: str | Path) -> Any:
+def read_annotation_json(path: str | Path) -> Any:
     """Parse a JSON file; a missing, undecodable or malformed file raises AnnotationError naming file:line:col."""
     path = Path(path)
     try:
@@ -153,7 +153,7 @@ def load_vqa(
     """
     questions_file, image_dir = Path(questions_file), Path(image_dir)
     problem = _Problems(on_error, questions_file)
-    data = read_json(questions_file)
+    data = read_annotation_json(questions_file)
     if annotations_file is None:
         questions = data if isinstance(data, list) else _list_under(data, "data", questions_file)
         qkey, by_qid, afile = ("" if isinstance(data, list) else "data"), None, questions_file
@@ -161,7 +161,7 @@ def load_vqa(
         questions, qkey = _list_under(data, "questions", questions_file), "questions"
         afile = Path(annotations_file)
         by_qid = {}
-        for j, ann in enumerate(_list_under(read_json(afile), "annotations", afile)):
+        for j, ann in enumerate(_list_under(read_annotation_json(afile), "annotations", afile)):
             why = _require(ann, {"question_id": (int, str)})
             if why is None and ann["question_id"] in by_qid:
                 first = by_qid[ann["question_id"]][0]
@@ -204,7 +204,7 @@ def load_vqa(
             continue
         if _image_ok(image, where, problem, check_images):
             texts, records = answers
-            samples.append(Sample(str(qid), image, {"question": q["question"]}, texts, None, records))
+            samples.append(EvalSample(str(qid), image, {"question": q["question"]}, texts, None, records))
     return problem.finish(samples)
 
 
@@ -229,7 +229,7 @@ def load_karpathy_captions(
     karpathy_file, image_dir = Path(karpathy_file), Path(image_dir)
     problem = _Problems(on_error, karpathy_file)
     samples = []
-    for i, item in enumerate(_list_under(read_json(karpathy_file), "images", karpathy_file)):
+    for i, item in enumerate(_list_under(read_annotation_json(karpathy_file), "images", karpathy_file)):
         where = f"{karpathy_file}: images[{i}]"
         why = _require(item, {"filename": str, "split": str, "sentences": list})
         if why:
@@ -244,7 +244,7 @@ def load_karpathy_captions(
         image = image_dir / item.get("filepath", "") / item["filename"]
         sample_id = str(item["cocoid"]) if "cocoid" in item else Path(item["filename"]).stem
         if _image_ok(image, where, problem, check_images):
-            samples.append(Sample(sample_id, image, {}, tuple(s["raw"] for s in sentences)))
+            samples.append(EvalSample(sample_id, image, {}, tuple(s["raw"] for s in sentences)))
     return problem.finish(samples)
 
 
@@ -259,7 +259,7 @@ def load_coco_captions(
     caption}]} (COCO captions_*.json, NoCaps). Captions keep the file's order per image."""
     captions_file, image_dir = Path(captions_file), Path(image_dir)
     problem = _Problems(on_error, captions_file)
-    data = read_json(captions_file)
+    data = read_annotation_json(captions_file)
     captions: dict[Any, list[str]] = {}
     for j, ann in enumerate(_list_under(data, "annotations", captions_file)):
         why = _require(ann, {"image_id": (int, str), "caption": str})
@@ -279,7 +279,7 @@ def load_coco_captions(
             continue
         image = image_dir / img["file_name"]
         if _image_ok(image, where, problem, check_images):
-            samples.append(Sample(str(img["id"]), image, {}, tuple(captions[img["id"]])))
+            samples.append(EvalSample(str(img["id"]), image, {}, tuple(captions[img["id"]])))
     return problem.finish(samples)
 
 
@@ -346,7 +346,7 @@ def load_image_folder(
             continue
         for image in sorted(class_dir.iterdir()):
             if image.is_file() and image.suffix.lower() in extensions:
-                samples.append(Sample(f"{folder}/{image.name}", image, {}, (), name))
+                samples.append(EvalSample(f"{folder}/{image.name}", image, {}, (), name))
     return problem.finish(samples, tuple(name for _, name, _ in entries))
 
 
@@ -389,5 +389,5 @@ def load_hateful_memes(
             image = image_dir / Path(record["img"]).name
         if _image_ok(image, where, problem, check_images):
             label = "yes" if record["label"] == 1 else "no"
-            samples.append(Sample(str(record["id"]), image, {"text": record["text"]}, (), label))
+            samples.append(EvalSample(str(record["id"]), image, {"text": record["text"]}, (), label))
     return problem.finish(samples, ("no", "yes"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idefics.eval.annotations import AnnotationError, EvalSplit, OnError, read_json
+from idefics.eval.annotations import AnnotationError, EvalSplit, OnError, read_annotation_json
 from idefics.eval.offline import MINI_TASKS, load_mini_split, support_split_name
 from idefics.eval.tasks import TaskSpec, get_task, load_task_split
 
@@ -71,7 +71,7 @@ def read_data_spec(path: str | Path, task: str) -> tuple[dict[str, Any], dict[st
     if path.is_dir():
         raise AnnotationError(f"{path}: task {task} needs --data to be a JSON file naming its annotation and "
                               "image files (see `idefics eval --help`)")
-    doc = read_json(path)
+    doc = read_annotation_json(path)
     if isinstance(doc, dict) and "eval" not in doc and task in doc:
         doc = doc[task]
     if not isinstance(doc, dict) or not isinstance(doc.get("eval"), dict):

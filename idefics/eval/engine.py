@@ -63,7 +63,7 @@ class ImageFeatures:
     latents: torch.Tensor  # [latents, D] the perceiver output, what the cross-attention layers read
 
 
-class ImageFeatureCache:
+class ImageFeatureStore:
     """Image features per distinct image content, least recently used dropped beyond `max_items`."""
 
     def __init__(self, pipe: Any, max_items: int = 4096) -> None:
@@ -127,7 +127,7 @@ def tokenize(pipe: Any, texts: Sequence[str]) -> list[list[int]]:
     return pipe.tokenizer.encode_batch(list(texts), add_special_tokens=is_idefics2(pipe))
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureCache) -> dict[str, torch.Tensor]:
+def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureStore) -> dict[str, torch.Tensor]:
     """Model inputs for a batch of prompts, as `pipe.processor(prompts, add_end_of_utterance_token=False)`
     builds them, but with `image_hidden_states` from the cache instead of `pixel_values`."""
     tokenizer, processor = pipe.tokenizer, pipe.processor
@@ -206,7 +206,7 @@ def _cache_rows(cache: DecodeCache, rows: torch.Tensor) -> DecodeCache:
 
 @torch.inference_mode()
 def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_names: Sequence[str],
-                          features: ImageFeatureCache, max_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                          features: ImageFeatureStore, max_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs [P, C], token counts [P, C]) of each class name's tokens after each prompt.
 
     A class name's tokens are those the tokenised prompt + name has beyond the prompt alone (as

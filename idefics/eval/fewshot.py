@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idefics.eval.annotations import Sample
+from idefics.eval.annotations import EvalSample
 from idefics.eval.tasks import PromptTemplate
 
 PromptItem = str | Image.Image | Path | bytes
@@ -95,7 +95,7 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_prompt(
-    query: Sample, demos: Sequence[Sample], template: PromptTemplate, *, demo_images: bool = True
+    query: EvalSample, demos: Sequence[EvalSample], template: PromptTemplate, *, demo_images: bool = True
 ) -> Prompt:
     """The interleaved prompt: each demonstration (its image if `demo_images`, then its text with the
     answer), then the query image and the query text, which ends where the model's answer starts.
@@ -112,8 +112,8 @@ def build_prompt(
 
 
 def fewshot_prompt(
-    query: Sample,
-    support: Sequence[Sample],
+    query: EvalSample,
+    support: Sequence[EvalSample],
     num_shots: int,
     template: PromptTemplate,
     *,

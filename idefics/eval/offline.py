@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idefics.eval.annotations import AnnotationError, EvalSplit, OnError, Sample, _Problems
+from idefics.eval.annotations import AnnotationError, EvalSplit, OnError, EvalSample, _Problems
 from idefics.eval.tasks import CLASSIFICATION_TEMPLATE, VQA_TEMPLATE, TaskSpec
 
 VQA_ANNOTATORS = 10
@@ -71,7 +71,7 @@ def load_mini_split(task: str, data_dir: str | Path, split: str, *, on_error: On
     # The reader itself reports unreadable data naming the shard and the key: it raises, or logs and skips.
     # Every process reads the whole split (rank 0 of 1): the runner shares out the queries itself.
     reader = ShardReader([str(s) for s in shards], on_error=on_error, decode_images=False, rank=0, world_size=1)
-    samples: list[Sample] = []
+    samples: list[EvalSample] = []
     try:
         for record in reader:
             where = f"{record.shard}: sample {record.key!r}"
@@ -86,7 +86,7 @@ def load_mini_split(task: str, data_dir: str | Path, split: str, *, on_error: On
     return problem.finish(samples, DIGIT_CLASSES if task == "mini-digits" else ())
 
 
-def _digit_samples(record, where: str, problem: _Problems) -> list[Sample]:
+def _digit_samples(record, where: str, problem: _Problems) -> list[EvalSample]:
     digit = record.meta.get("digit")
     if record.meta.get("task") != "digit":
         return []
@@ -97,10 +97,10 @@ def _digit_samples(record, where: str, problem: _Problems) -> list[Sample]:
     if len(images) != 1:
         problem(where, f"a digit pair needs one image, got {len(images)}")
         return []
-    return [Sample(record.key, images[0], {}, (), str(digit))]
+    return [EvalSample(record.key, images[0], {}, (), str(digit))]
 
 
-def _question_samples(record, where: str, types: tuple[str, ...], problem: _Problems) -> list[Sample]:
+def _question_samples(record, where: str, types: tuple[str, ...], problem: _Problems) -> list[EvalSample]:
     qa = record.meta.get("qa")
     if not isinstance(qa, list):
         problem(where, "a chat sample needs meta.qa, a list of {question_type, question, answer, image}")
@@ -116,6 +116,6 @@ def _question_samples(record, where: str, types: tuple[str, ...], problem: _Prob
         if not isinstance(index, int) or not 0 <= index < len(images):
             problem(f"{where} qa[{j}]", f"image index {index!r} is not one of the sample's {len(images)} images")
             continue
-        out.append(Sample(f"{record.key}/{j}", images[index], {"question": question},
+        out.append(EvalSample(f"{record.key}/{j}", images[index], {"question": question},
                           (answer,) * VQA_ANNOTATORS))
     return out

@@ -31,9 +31,9 @@ import torch
 from tqdm import tqdm
 
 from idefics.eval import distributed
-from idefics.eval.annotations import AnnotationError, OnError, Sample
+from idefics.eval.annotations import AnnotationError, OnError, EvalSample
 from idefics.eval.data_spec import TaskData, load_task_data
-from idefics.eval.engine import (Decoding, ImageFeatureCache, class_log_likelihoods, encode_prompts,
+from idefics.eval.engine import (Decoding, ImageFeatureStore, class_log_likelihoods, encode_prompts,
                                  end_of_demo_marker, generate_tokens)
 from idefics.eval.fewshot import (RICES, count_images, effective_num_shots, fewshot_prompt, random_demo_indices,
                                   render_prompt, support_subset)
@@ -112,7 +112,7 @@ def template_for(template: PromptTemplate, marker: str) -> PromptTemplate:
 class Evaluator:
     def __init__(self, pipe: Any, config: EvalConfig) -> None:
         self.pipe, self.config = pipe, config
-        self.features = ImageFeatureCache(pipe)
+        self.features = ImageFeatureStore(pipe)
         self.marker, self.stop_ids = end_of_demo_marker(pipe)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
@@ -136,14 +136,14 @@ class Evaluator:
                 results.append(self.run(data, queries, support, rices, shots, seed))
         return results
 
-    def eval_subset(self, data: TaskData, seed: int) -> list[Sample]:
+    def eval_subset(self, data: TaskData, seed: int) -> list[EvalSample]:
         n, limit = len(data.eval), self.config.limit
         if limit is None or limit >= n:
             return list(data.eval)
         chosen = np.random.default_rng(seed).choice(n, size=limit, replace=False)
         return [data.eval[int(i)] for i in sorted(chosen)]
 
-    def support_features(self, data: TaskData, support: list[Sample]) -> tuple[RICES, list[Sample]]:
+    def support_features(self, data: TaskData, support: list[EvalSample]) -> tuple[RICES, list[EvalSample]]:
         """RICES over the support images (each process encodes every world_size-th one), and the support
         samples it covers: with on_error="skip" a support image that cannot be read is left out."""
         mine, problems = {}, []
@@ -166,7 +166,7 @@ class Evaluator:
         kept = sorted(merged)
         return RICES(torch.stack([merged[i] for i in kept])), [support[i] for i in kept]
 
-    def run(self, data: TaskData, queries: list[Sample], support: list[Sample], rices: RICES | None,
+    def run(self, data: TaskData, queries: list[EvalSample], support: list[EvalSample], rices: RICES | None,
             shots: int, seed: int) -> EvalResult:
         spec, size = data.spec, self.config.batch_size
         batches = [list(range(i, min(i + size, len(queries)))) for i in range(0, len(queries), size)]
@@ -193,7 +193,7 @@ class Evaluator:
             result.extra["queries_per_process"] = [len(part) for part in parts]
         return distributed.broadcast(result)
 
-    def run_batch(self, spec: TaskSpec, batch: list[Sample], positions: list[int], support: list[Sample],
+    def run_batch(self, spec: TaskSpec, batch: list[EvalSample], positions: list[int], support: list[EvalSample],
                   rices: RICES | None, shots: int, seed: int) -> dict[int, dict]:
         """Records of one batch; with on_error="skip" a failing batch is retried query by query, and a
         query that still fails gets a record with its error."""
@@ -211,7 +211,7 @@ class Evaluator:
             out.update(self.run_batch(spec, [query], [position], support, rices, shots, seed))
         return out
 
-    def evaluate_queries(self, spec: TaskSpec, batch: list[Sample], support: list[Sample], rices: RICES | None,
+    def evaluate_queries(self, spec: TaskSpec, batch: list[EvalSample], support: list[EvalSample], rices: RICES | None,
                          shots: int, seed: int) -> list[dict]:
         k, template = effective_num_shots(shots), template_for(spec.template, self.marker)
         prompts, demos = [], []
@@ -237,7 +237,7 @@ class Evaluator:
                 record["prediction"] = spec.postprocess(record["output"])
         return records
 
-    def classify(self, spec: TaskSpec, batch: list[Sample], prompts: list, records: list[dict]) -> None:
+    def classify(self, spec: TaskSpec, batch: list[EvalSample], prompts: list, records: list[dict]) -> None:
         names = self.classes
         sums, counts = class_log_likelihoods(self.pipe, prompts, names, self.features)
         means = sums / counts  # the reference ranks classes by mean per-token log-probability
@@ -250,7 +250,7 @@ class Evaluator:
                 record["p_yes"] = yes_probability(float(means[row, names.index("no")]),
                                                   float(means[row, names.index("yes")]))
 
-    def score(self, data: TaskData, queries: list[Sample], records: list[dict], support_size: int, shots: int,
+    def score(self, data: TaskData, queries: list[EvalSample], records: list[dict], support_size: int, shots: int,
               seed: int) -> EvalResult:
         spec = data.spec
         ok = [(q, r) for q, r in zip(queries, records) if "error" not in r]
@@ -273,7 +273,7 @@ class Evaluator:
             self.write_predictions(spec, shots, seed, queries, records)
         return EvalResult(spec.name, shots, float(score), len(samples), seed, spec.metric, extra)
 
-    def write_predictions(self, spec: TaskSpec, shots: int, seed: int, queries: list[Sample],
+    def write_predictions(self, spec: TaskSpec, shots: int, seed: int, queries: list[EvalSample],
                           records: list[dict]) -> None:
         path = Path(self.config.out_dir) / "predictions" / f"{spec.name}-{shots}shot-seed{seed}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +293,7 @@ class RunningScore:
         self.labels: list[str] = []
         self.p_yes: list[float] = []
 
-    def add(self, query: Sample, record: dict) -> None:
+    def add(self, query: EvalSample, record: dict) -> None:
         if "error" in record or self.spec.metric == "cider":
             return
         self.count += 1

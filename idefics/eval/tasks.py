@@ -16,13 +16,13 @@ from typing import Any, Literal
 from idefics.eval.annotations import (
     EvalSplit,
     OnError,
-    Sample,
+    EvalSample,
     load_coco_captions,
     load_hateful_memes,
     load_image_folder,
     load_karpathy_captions,
     load_vqa,
-    read_json,
+    read_annotation_json,
 )
 from idefics.eval.metrics import (
     VQAVariant,
@@ -52,13 +52,13 @@ class PromptTemplate:
     answer_from: Literal["reference", "label"]
     end_of_chunk: str = OPENFLAMINGO_END_OF_CHUNK
 
-    def _format(self, sample: Sample, answer: str) -> str:
+    def _format(self, sample: EvalSample, answer: str) -> str:
         try:
             return self.pattern.format(**sample.fields, answer=answer)
         except KeyError as e:
             raise ValueError(f"sample {sample.id!r} has no field {e} needed by the prompt {self.pattern!r}") from None
 
-    def demo_answer(self, sample: Sample) -> str:
+    def demo_answer(self, sample: EvalSample) -> str:
         """The answer a demonstration shows: the first reference (stripped) or the class label."""
         if self.answer_from == "label":
             if sample.label is None:
@@ -68,10 +68,10 @@ class PromptTemplate:
             raise ValueError(f"demonstration {sample.id!r} has no reference answer/caption")
         return sample.references[0].strip()
 
-    def demo_text(self, sample: Sample) -> str:
+    def demo_text(self, sample: EvalSample) -> str:
         return self._format(sample, self.demo_answer(sample)) + self.end_of_chunk + self.demo_separator
 
-    def query_text(self, sample: Sample) -> str:
+    def query_text(self, sample: EvalSample) -> str:
         return self._format(sample, "")
 
     def with_end_of_chunk(self, marker: str) -> PromptTemplate:
@@ -172,14 +172,14 @@ def load_task_split(
 
 
 def _is_karpathy(path: Path) -> bool:
-    data = read_json(path)
+    data = read_annotation_json(path)
     images = data.get("images") if isinstance(data, dict) else None
     return bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
 
 
 def score_predictions(
     task: str | TaskSpec,
-    samples: Sequence[Sample],
+    samples: Sequence[EvalSample],
     predictions: Sequence[Any],
     *,
     vqa_variant: VQAVariant = "openflamingo",

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 
-class Metrics:
+class ServerMetrics:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()

@@ -25,7 +25,7 @@ from .. import __version__
 from ..model_options import add_model_options, load_from_args
 from .engine import Engine, ErrorEvent, Job, Overloaded
 from .inputs import image_policy, overloaded, prepare, tokenize
-from .metrics import Metrics
+from .metrics import ServerMetrics
 from .protocol import (ApiError, GenerationRequest, GenerationResult, Limits, chat_chunk, chat_completion,
                        openai_error, openai_logprobs, parse_chat_request, parse_json_object, parse_tgi_request,
                        sse, tgi_error, tgi_response, tgi_stream_event, usage)
@@ -63,7 +63,7 @@ class Service:
         self.limits = fit_limits(settings.limits, pipe.config.max_position_embeddings)
         self.policy = image_policy(self.limits, settings.image_hosts, settings.image_fetch_timeout)
         self.engine = Engine(pipe, settings.max_batch_size, settings.max_queue)
-        self.metrics = Metrics()
+        self.metrics = ServerMetrics()
         self.validating = 0
         self.gate: asyncio.Semaphore | None = None
         self.end_of_turn = "<end_of_utterance>" if pipe.tokenizer.has_end_of_utterance else ""

@@ -10,8 +10,8 @@ lora (peft adapters, merge), config (YAML/TOML + overrides), cli (`idefics train
 """
 
 from .build import ModelSpec, build_model, freeze
-from .checkpoints import CheckpointError, export
+from .checkpoints import ResumeError, export
 from .config import RunConfig, load_config
 from .trainer import train
 
-__all__ = ["CheckpointError", "ModelSpec", "RunConfig", "build_model", "export", "freeze", "load_config", "train"]
+__all__ = ["ResumeError", "ModelSpec", "RunConfig", "build_model", "export", "freeze", "load_config", "train"]

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +34,7 @@ from .build import copy_tokenizer
 FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "rng.pt")
 
 
-class CheckpointError(RuntimeError):
+class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the folder and the file."""
 
 
@@ -92,24 +91,24 @@ def verify(folder: Path) -> dict:
     """The manifest, after checking that every file it names is there with its size and hash."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
-        raise CheckpointError(f"checkpoint {folder} is incomplete: no manifest.json (it is written last). "
+        raise ResumeError(f"checkpoint {folder} is incomplete: no manifest.json (it is written last). "
                               "Delete the folder to resume from an earlier checkpoint.")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {folder}: manifest.json is corrupt ({error})") from None
+        raise ResumeError(f"checkpoint {folder}: manifest.json is corrupt ({error})") from None
     for name in FILES:
         path = folder / name
         if name not in files:
-            raise CheckpointError(f"checkpoint {folder}: manifest.json does not list {name}")
+            raise ResumeError(f"checkpoint {folder}: manifest.json does not list {name}")
         if not path.exists():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+            raise ResumeError(f"checkpoint {folder} is incomplete: {name} is missing")
         if path.stat().st_size != files[name]["bytes"]:
-            raise CheckpointError(f"checkpoint {folder}: {name} is {path.stat().st_size} bytes, the manifest "
+            raise ResumeError(f"checkpoint {folder}: {name} is {path.stat().st_size} bytes, the manifest "
                                   f"says {files[name]['bytes']} (truncated or partly written)")
         if _sha256(path) != files[name]["sha256"]:
-            raise CheckpointError(f"checkpoint {folder}: {name} does not match its SHA-256 in manifest.json "
+            raise ResumeError(f"checkpoint {folder}: {name} does not match its SHA-256 in manifest.json "
                                   "(the file is corrupt)")
     return manifest
 
@@ -178,7 +177,3 @@ def export(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Pat
         "image_processor_type": "IdeficsImageProcessor", "image_size": images.size,
         "image_mean": list(images.mean), "image_std": list(images.std), "image_num_channels": 3}, indent=1))
     return out_dir
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())

@@ -65,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
-    from .checkpoints import CheckpointError
+    from .checkpoints import ResumeError
     from .trainer import train
 
     try:
         summary = train(config, resume=args.resume)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:  # bad data, config, checkpoint, backbone
+    except (ResumeError, FileNotFoundError, ValueError) as error:  # bad data, config, checkpoint, backbone
         if getattr(args, "debug", False):
             raise
         print(f"idefics train: {type(error).__name__}: {error}", file=sys.stderr)

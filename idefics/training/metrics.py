@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-class Metrics:
+class TrainingLog:
     """metrics.jsonl (one JSON object per line, `split` train or val) and loss.png. On resume the lines after
     the checkpoint's step are dropped: those steps run again."""
 

@@ -34,12 +34,12 @@ from . import distributed as dist_utils
 from .batches import BatchStream, SourceSpec
 from ..backbones.sources import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict
 from .build import build_model, copy_tokenizer, freeze
-from .checkpoints import (CheckpointError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
+from .checkpoints import (ResumeError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
                           save_checkpoint)
 from .collate import Collator, SampleEncoder, with_blank_image
 from .config import RunConfig
 from .loss import LossModel
-from .metrics import Metrics
+from .metrics import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if list_checkpoints(ckpt_root) and not resume:
-            raise CheckpointError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+            raise ResumeError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
                                   "or choose another out_dir")
     dist_utils.barrier(info)
     random.seed(tc.seed)
@@ -185,16 +185,16 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                            shuffle_buffer=dc.shuffle_buffer, on_error=dc.on_error)
 
     data = stream(config.sources, dc.shuffle, rows_per_process)
-    metrics = Metrics(out_dir, info.is_main)
+    metrics = TrainingLog(out_dir, info.is_main)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     checkpoints = list_checkpoints(ckpt_root) if resume else []
     if checkpoints:
         trainable_state, optim_state, state, rngs = load_checkpoint(checkpoints[-1])
         if state["frozen_fingerprint"] != fingerprint:
-            raise CheckpointError(f"{checkpoints[-1]} was trained on other frozen weights (fingerprint "
+            raise ResumeError(f"{checkpoints[-1]} was trained on other frozen weights (fingerprint "
                                   f"{state['frozen_fingerprint']} vs {fingerprint}): model config changed?")
         if state["world_size"] != info.world_size and dc.split == "shards":
-            raise CheckpointError(f"{checkpoints[-1]} was written by {state['world_size']} processes; with "
+            raise ResumeError(f"{checkpoints[-1]} was written by {state['world_size']} processes; with "
                                   "data.split=shards resume with the same number")
         dist_utils.load_full_state(loss_model, optimizer, {"model." + k: v for k, v in trainable_state.items()},
                                    optim_state)

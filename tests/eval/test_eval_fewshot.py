@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from idefics.eval.annotations import Sample
+from idefics.eval.annotations import EvalSample
 from idefics.eval.fewshot import (
     RICES,
     build_prompt,
@@ -22,15 +22,15 @@ from idefics.eval.tasks import CAPTION_TEMPLATE, CLASSIFICATION_TEMPLATE, HATEFU
 
 
 def vqa(i, question, answer=None):
-    return Sample(f"q{i}", Path(f"img{i}.jpg"), {"question": question}, (answer,) if answer else ())
+    return EvalSample(f"q{i}", Path(f"img{i}.jpg"), {"question": question}, (answer,) if answer else ())
 
 
 def caption(i, text):
-    return Sample(f"c{i}", Path(f"cap{i}.jpg"), {}, (text,))
+    return EvalSample(f"c{i}", Path(f"cap{i}.jpg"), {}, (text,))
 
 
 def meme(i, text, label=None):
-    return Sample(f"m{i}", Path(f"meme{i}.png"), {"text": text}, (), label)
+    return EvalSample(f"m{i}", Path(f"meme{i}.png"), {"text": text}, (), label)
 
 
 BUS, DOGS, RAIN = vqa(1, "What color is the bus?", "red"), vqa(2, "How many dogs?", "2"), vqa(3, "Is it raining?")
@@ -201,7 +201,7 @@ def test_rices_bad_input():
 
 
 def test_classification_demos_use_labels():
-    demos = [Sample("d1", Path("d1.png"), {}, (), "tench"), Sample("d2", Path("d2.png"), {}, (), "goldfish")]
-    prompt = build_prompt(Sample("q", Path("q.png"), {}, (), "shark"), demos, CLASSIFICATION_TEMPLATE)
+    demos = [EvalSample("d1", Path("d1.png"), {}, (), "tench"), EvalSample("d2", Path("d2.png"), {}, (), "goldfish")]
+    prompt = build_prompt(EvalSample("q", Path("q.png"), {}, (), "shark"), demos, CLASSIFICATION_TEMPLATE)
     assert render_prompt(prompt) == (
         "<image>Output:tench<|endofchunk|><image>Output:goldfish<|endofchunk|><image>Output:")

@@ -16,7 +16,7 @@ import idefics
 from tests.helpers import png_bytes, random_image
 from idefics.eval import cli as eval_cli
 from idefics.eval.annotations import AnnotationError
-from idefics.eval.engine import ImageFeatureCache, class_log_likelihoods, encode_prompts, end_of_demo_marker
+from idefics.eval.engine import ImageFeatureStore, class_log_likelihoods, encode_prompts, end_of_demo_marker
 from idefics.eval.fewshot import fewshot_prompt, random_demo_indices
 from idefics.eval.metrics import yes_probability
 from idefics.eval.offline import MINI_TASKS, load_mini_split
@@ -56,7 +56,7 @@ def read_predictions(out: Path, task: str, shots: int, seed: int) -> list[dict]:
 def test_encode_prompts_equals_processor_and_pixel_path(pipe):
     images = [png_bytes(random_image(i)) for i in range(3)]
     prompts = [[images[0], "Output:a cat\n", images[1], "Output:"], ["Question: x", images[2], "Answer:"]]
-    cache = ImageFeatureCache(pipe)
+    cache = ImageFeatureStore(pipe)
     ours = encode_prompts(pipe, prompts, cache)
     theirs = pipe.processor(prompts, add_end_of_utterance_token=False)
     for key in ("input_ids", "attention_mask", "image_attention_mask"):
@@ -74,7 +74,7 @@ def test_class_log_likelihoods_equal_pipeline_log_likelihood(pipe):
     images = [png_bytes(random_image(i)) for i in range(2)]
     prompts = [[images[0], "Output:a\n", images[1], "Output:"], ["Hello", images[1], "Answer:"]]
     names = ["yes", "no", "blue car", "3"]  # different token counts
-    sums, counts = class_log_likelihoods(pipe, prompts, names, ImageFeatureCache(pipe), max_rows=3)
+    sums, counts = class_log_likelihoods(pipe, prompts, names, ImageFeatureStore(pipe), max_rows=3)
     for p, prompt in enumerate(prompts):
         expected = pipe.log_likelihood([prompt] * len(names), names)
         torch.testing.assert_close(sums[p].float(), torch.tensor(expected), atol=1e-4, rtol=0)

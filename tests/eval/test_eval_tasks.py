@@ -8,7 +8,7 @@ from PIL import Image
 
 from idefics.eval.annotations import (
     AnnotationError,
-    Sample,
+    EvalSample,
     load_coco_captions,
     load_hateful_memes,
     load_image_folder,
@@ -254,13 +254,13 @@ def test_score_captions_is_cider_times_100():
     # The PTB pipeline vector of cider_vectors.json, through raw generations with trailing junk.
     vectors = VECTORS / "cider_vectors.json"
     case = json.loads(vectors.read_text())["ptb_pipeline"]
-    samples = [Sample(k, Path(f"{k}.jpg"), {}, tuple(c["caption"] for c in v)) for k, v in case["raw_gts"].items()]
+    samples = [EvalSample(k, Path(f"{k}.jpg"), {}, tuple(c["caption"] for c in v)) for k, v in case["raw_gts"].items()]
     raw = [v[0]["caption"] + "\nOutput: junk" for v in case["raw_res"].values()]
     assert score_predictions("coco", samples, raw) == pytest.approx(100 * case["corpus"], abs=1e-9)
 
 
 def test_score_classification():
-    samples = [Sample(str(i), Path("x.png"), {}, (), label) for i, label in enumerate(["no", "yes", "no", "yes"])]
+    samples = [EvalSample(str(i), Path("x.png"), {}, (), label) for i, label in enumerate(["no", "yes", "no", "yes"])]
     assert score_predictions("hateful_memes", samples, [0.3, 0.9, 0.6, 0.6]) == 0.875  # misc vector
     assert score_predictions("imagenet", samples, ["no", "yes", "yes", "yes"]) == 0.75
     assert TASKS["textvqa"].max_new_tokens == 10 and TASKS["coco"].max_new_tokens == 20

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idefics.training.checkpoints import CheckpointError
+from idefics.training.checkpoints import ResumeError
 from idefics.training.trainer import train
 from tests.training.fixtures import REPO, TINY, losses, tiny_config, tiny_overrides
 
@@ -52,10 +52,10 @@ def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):
     data = bytearray((newest / "optimizer.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (newest / "optimizer.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="optimizer.pt does not match its SHA-256"):
+    with pytest.raises(ResumeError, match="optimizer.pt does not match its SHA-256"):
         train(cfg, resume=True)
     (newest / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
+    with pytest.raises(ResumeError, match="incomplete: no manifest.json"):
         train(cfg, resume=True)
-    with pytest.raises(CheckpointError, match="pass --resume"):
+    with pytest.raises(ResumeError, match="pass --resume"):
         train(cfg)
