@@ -48,8 +48,13 @@ class CrossAttention(nn.Module):
 
 class GatedCrossAttentionLayer(nn.Module):
     def __init__(self, dim: int, hidden: int, image_dim: int, heads: int, qk_norms: bool, eps: float,
-                 alpha_type: str = "float", alpha_initializer: str = "zeros", alpha_std: float = 0.0) -> None:
+                 alpha_type: str = "float", alpha_initializer: str = "zeros", alpha_std: float = 0.0,
+                 dense_needs_image: bool = False) -> None:
         super().__init__()
+        # The reference applies the dense (MLP) half to every token. With `dense_needs_image` (config key
+        # "dense_needs_image", idefics-mini's) tokens that see no image pass through the whole block unchanged,
+        # so a text-only prompt gets exactly the frozen language model's answer, alone or in any batch.
+        self.dense_needs_image = dense_needs_image
         self.cross_attn = CrossAttention(dim, image_dim, heads, qk_norms, eps)
         self.mlp = SwiGLU(dim, hidden)
         self.input_layernorm = RMSNorm(dim, eps)
@@ -63,7 +68,9 @@ class GatedCrossAttentionLayer(nn.Module):
         """`mask`: additive [B, 1, T, L]; `gate`: [B, T], 1 where the token sees an image.
         `kv` None means no token sees an image: the attention output is zero for all of them. `plans`: a
         generation's `KVCache.step_plans` (the decoding step's checks are done once)."""
-        if x.shape[1] == 1:
+        if self.dense_needs_image and kv is None:
+            return x
+        if x.shape[1] == 1 and not self.dense_needs_image:
             step = self.compiled_step(x, kv, mask, gate, plans)
             if step is not None:
                 return step
@@ -71,7 +78,10 @@ class GatedCrossAttentionLayer(nn.Module):
             attn = self.cross_attn(self.input_layernorm(x), kv, mask)
             attn = attn.masked_fill((gate == 0)[:, :, None], 0.0)
             x = x + torch.tanh(self.alpha_cross_attn) * attn
-        return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
+        dense = self.mlp(self.post_attention_layernorm(x))
+        if self.dense_needs_image:
+            dense = dense.masked_fill((gate == 0)[:, :, None], 0.0)
+        return x + torch.tanh(self.alpha_dense) * dense
 
     def compiled_step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                       gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor | None:

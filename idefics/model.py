@@ -68,7 +68,8 @@ class IdeficsModel(nn.Module):
         alpha_std = float(c.extra.get("alphas_initializer_range", 0.0))
         self.gated_cross_attn_layers = nn.ModuleList(
             GatedCrossAttentionLayer(c.hidden_size, c.intermediate_size, image_dim, c.num_attention_heads,
-                                     c.qk_layer_norms, c.rms_norm_eps, c.alpha_type, c.alpha_initializer, alpha_std)
+                                     c.qk_layer_norms, c.rms_norm_eps, c.alpha_type, c.alpha_initializer, alpha_std,
+                                     dense_needs_image=bool(c.extra.get("dense_needs_image", False)))
             for _ in range(c.num_cross_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)

@@ -55,6 +55,7 @@ class ModelSpec:
                                                                         "head_dim": 96, "qk_norms": True})
     cross_layer_interval: int = 4
     qk_layer_norms: bool = True
+    dense_needs_image: bool = False  # tokens that see no image skip the whole gated block (cross_attention.py)
     new_tokens: list[str] = field(default_factory=lambda: list(NEW_TOKENS))
     # new token -> existing token whose input and output rows it starts from (else: mean input row, zero output)
     init_new_tokens_from: dict[str, str] = field(default_factory=lambda: {END_OF_UTTERANCE: "eos"})
@@ -98,6 +99,8 @@ def idefics_config(language: dict[str, Any], vision: VisionConfig, spec: ModelSp
         cross_layer_interval=spec.cross_layer_interval, qk_layer_norms=spec.qk_layer_norms,
         alpha_type="float", alpha_initializer="zeros", use_resampler=per is not None,
         vision_config=vision, perceiver_config=perceiver)
+    if spec.dense_needs_image:
+        config.extra["dense_needs_image"] = True
     config.validate()
     return config
 

@@ -94,3 +94,34 @@ def test_text_only_prompts_answer_exactly_as_the_frozen_smollm2():
     pipe = idefics.load()
     ours = [pipe.generate([prompt], max_new_tokens=12)[0] for prompt in TEXT_PROMPTS[:3]]
     assert ours == smollm2_reference([prompt_ids(pipe, p) for p in TEXT_PROMPTS[:3]], 12)
+
+
+def test_dense_needs_image_leaves_tokens_without_an_image_to_the_language_model(reference_checkpoint, tmp_path):
+    """With `dense_needs_image` (idefics-mini's config) the gated blocks change nothing for tokens that see no
+    image: a text-only prompt scores exactly as with every gate closed, alone or batched with an image prompt,
+    and tokens after an image still see it."""
+    import json
+    import shutil
+
+    folder, _ = reference_checkpoint("small_9b")
+    flagged = tmp_path / "flagged"
+    shutil.copytree(folder, flagged)
+    config = json.loads((flagged / "config.json").read_text())
+    (flagged / "config.json").write_text(json.dumps({**config, "dense_needs_image": True}))
+    pipe = idefics.load(flagged)
+    for layer in pipe.model.model.gated_cross_attn_layers:  # open gates: the blocks would change everything
+        layer.alpha_cross_attn.data.fill_(1.0)
+        layer.alpha_dense.data.fill_(1.0)
+    text = ["User: what is the capital of France?"]
+    mixed = [text, ["User:", random_image(3), "What is it?"]]
+    with torch.no_grad():
+        alone = pipe.model(**pipe.processor(text)).logits
+        batched = pipe.model(**pipe.processor(mixed)).logits
+        with gates_closed(pipe.model):
+            lm_only = pipe.model(**pipe.processor(mixed)).logits
+    torch.testing.assert_close(alone, lm_only[:1, -alone.shape[1]:], rtol=0, atol=0)
+    torch.testing.assert_close(batched[:1], lm_only[:1], rtol=0, atol=0)
+    assert not torch.allclose(batched[1, -1], lm_only[1, -1], atol=1e-3)  # the image row still sees its image
+    answer = pipe.generate(text, max_new_tokens=5)
+    with gates_closed(pipe.model):
+        assert pipe.generate(text, max_new_tokens=5) == answer
