@@ -352,14 +352,14 @@ def test_evaluation_harness_runs_idefics2(checkpoints, name, tmp_path):
     """The harness's cached image features give the processor's tokens and the pixel path's logits, and its
     KV-cached class scores equal `pipe.log_likelihood`; then a few-shot run end to end."""
     from idefics.data.synthetic import make_mini_data
-    from idefics.eval.engine import ImageFeatureCache, class_log_likelihoods, encode_prompts
+    from idefics.eval.engine import ImageFeatureStore, class_log_likelihoods, encode_prompts
     from idefics.eval.runner import EvalConfig, run_eval
 
     folder, _, _ = checkpoints(name)
     pipe = idefics.load(folder)
     images = [noise_image(10 + i, 40 + 20 * i, 60) for i in range(3)]
     prompts = [[images[0], "Output: a cat\n", images[1], "Output:"], ["Question: x", images[2], "Answer:"]]
-    cache = ImageFeatureCache(pipe)
+    cache = ImageFeatureStore(pipe)
     ours = encode_prompts(pipe, prompts, cache)
     theirs = pipe.processor(prompts)
     for key in ("input_ids", "attention_mask"):
