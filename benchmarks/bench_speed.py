@@ -7,7 +7,7 @@
 
 Both implementations load the same random-weight checkpoint. Every measurement alternates ours / reference,
 after a warm-up, and the table shows medians; ours/ref is the median of the ratios within each round (both
-sides of a round run seconds apart, so a slow spell of a shared machine cancels). Prefill = time to the first
+sides of a round run seconds apart, so a change in the machine's speed over minutes cancels). Prefill = time to the first
 token (reference: `generate` with max_new_tokens=1; ours: the first step of `decode`). Decode = tokens/s
 between consecutive generated tokens (reference: timestamps from a logits processor; ours: from the steps
 `decode` yields), summed over the batch.
@@ -130,8 +130,8 @@ def decode_rate(run, model, inputs, new_tokens: int) -> tuple[float, torch.Tenso
 
 
 def paired_ratio(results: dict[str, list[float]]) -> float:
-    """Median over rounds of ours/reference within the same round: the two ran seconds apart, so a slow spell
-    of this shared machine slows both and cancels, where the ratio of the two medians would not."""
+    """Median over rounds of ours/reference within the same round: the two ran seconds apart, so a slowdown
+    of the machine slows both and cancels, where the ratio of the two medians would not."""
     return common.median([a / b for a, b in zip(results["ours"], results["reference"])])
 
 

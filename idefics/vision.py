@@ -150,10 +150,8 @@ class EfficientNetEncoder(nn.Module):
     convolutional feature carries little of where it is, and the perceiver has no position embedding of its
     own), then optionally `label_tokens` tokens that let the frozen ImageNet classifier speak: for each of its
     top-k classes, the language model's own embedding of the class name (`class_names`, [1000, label_width],
-    a frozen buffer rebuilt from the backbones' sources), its probability and its rank. The cross-attention
-    then only has to pass a word the language model already knows on to it, for all 1000 classes, including
-    ones no training image showed. The label tokens skip the perceiver
-    (`passthrough_tokens`): the cross-attention reads them beside its latents, one linear map from the word.
+    a frozen buffer rebuilt from the backbones' sources), its probability and its rank. They skip the
+    perceiver (`passthrough_tokens`): the cross-attention reads them beside its latents.
     """
 
     FEATURE_WIDTH, GRID = 1280, 7
@@ -168,7 +166,8 @@ class EfficientNetEncoder(nn.Module):
         self.label_tokens, self.label_width = label_tokens, label_width
         if label_tokens:
             self.register_buffer("class_names", torch.zeros(net._fc.out_features, label_width))
-        self.uses_position_code = position_code  # computed when used: models are built on the meta device
+        self.uses_position_code = position_code
+        self._position_code: torch.Tensor | None = None  # built on first use: models are built on the meta device
 
     @classmethod
     def sinusoidal_grid(cls, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -202,7 +201,10 @@ class EfficientNetEncoder(nn.Module):
         features = self.net.forward_features(pixel_values.to(next(self.net.parameters()).dtype))
         tokens = features
         if self.uses_position_code:
-            tokens = features + self.sinusoidal_grid(features.device).to(features.dtype)
+            code = self._position_code
+            if code is None or code.device != features.device or code.dtype != features.dtype:
+                code = self._position_code = self.sinusoidal_grid(features.device).to(features.dtype)
+            tokens = features + code
         if not self.label_tokens:
             return tokens
         probs = self.net._fc(features.mean(dim=1)).float().softmax(dim=-1)

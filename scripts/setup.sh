@@ -7,6 +7,15 @@ PIP="python -m pip --disable-pip-version-check -q"
 # torch first and pinned: a looser spec would download a multi-GB CUDA build.
 $PIP install "torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then
+  # idefics-mini's real-image data tests read Debian's clip art, emoji font and Fashion-MNIST
+  DEBIAN_DATA="openclipart-png fonts-noto-color-emoji dataset-fashion-mnist"
+  if command -v apt-get >/dev/null && ! dpkg -s $DEBIAN_DATA >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then
+      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $DEBIAN_DATA
+    else
+      echo "note: the real-image data tests skip without: sudo apt-get install $DEBIAN_DATA"
+    fi
+  fi
   $PIP install -e ".[test]"
   # text-generation 0.7.0 pins huggingface-hub<1.0, which transformers 5 cannot use; its client code works with
   # the newer hub, so install it without its dependency pins (aiohttp comes with the test extra).
