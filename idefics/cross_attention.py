@@ -4,7 +4,13 @@ Text tokens attend to the image latents of the most recent preceding image. The 
 `cross_layer_interval`-th decoder layer and is the identity at initialisation (tanh(0) = 0), so training starts
 from the unchanged language model. Tokens that see no image get a zero attention output (the dense sub-block
 still runs for them). Image keys/values do not depend on the text, so generation computes them once per prompt
-(`project_images`) and reuses them at every step."""
+(`project_images`) and reuses them at every step.
+
+The word path (idefics-mini): an encoder that sends words to the cross-attention (the frozen classifier's class
+names as the language model's own token embeddings, `EfficientNetEncoder.label_words`) has them carried, unprojected,
+beside each head's values: the attention weights that read the image also pick a word, and the block adds it to
+the residual stream at a learned gain (`alpha_word`, up to WORD_NORM). A projected value path would have to learn a
+576-dimensional identity map before the name could reach the output; this one is exact from the first step."""
 
 from __future__ import annotations
 
@@ -13,6 +19,10 @@ from torch import nn
 
 from . import cpu_kernels
 from .layers import RMSNorm, SwiGLU, attention, attention_kernel_takes, fused_of, kernel_weights, step_plan
+
+# The largest norm the word path adds. The decoder's residual stream grows with depth (idefics-mini's language
+# model: ~100 at layer 10, ~500 at layer 25); an embedding needs a norm of that order to move the next token.
+WORD_NORM = 500.0
 
 
 class CrossAttention(nn.Module):
@@ -28,28 +38,39 @@ class CrossAttention(nn.Module):
             self.q_layer_norm = RMSNorm(self.head_dim, eps)
             self.k_layer_norm = RMSNorm(self.head_dim, eps)
 
-    def project_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L, image_dim] image latents → keys, values [B, heads, L, head_dim]."""
+    def project_images(self, images: torch.Tensor, words: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, image_dim] image latents → keys, values [B, heads, L, head_dim]. With `words` ([B, L, dim], the
+        word path's embeddings, zero for tokens that carry none) each head's values carry its slice of them too:
+        values [B, heads, L, 2 * head_dim]."""
         b, n, _ = images.shape
         k = self.k_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
             k = self.k_layer_norm(k)
+        if words is not None:
+            v = torch.cat([v, words.to(v.dtype).view(b, n, self.heads, self.head_dim).transpose(1, 2)], dim=-1)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output, and the attended words [B, T, dim] when the values carry them (else None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
             q = self.q_layer_norm(q)
         out = attention(q, kv[0], kv[1], mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        words = None
+        if out.shape[-1] > self.head_dim:
+            out, words = out.split(self.head_dim, dim=-1)
+            words = words.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), words
 
 
 class GatedCrossAttentionLayer(nn.Module):
     def __init__(self, dim: int, hidden: int, image_dim: int, heads: int, qk_norms: bool, eps: float,
                  alpha_type: str = "float", alpha_initializer: str = "zeros", alpha_std: float = 0.0,
-                 dense_needs_image: bool = False) -> None:
+                 dense_needs_image: bool = False, word_path: bool = False) -> None:
         super().__init__()
         # The reference applies the dense (MLP) half to every token. With `dense_needs_image` (config key
         # "dense_needs_image", idefics-mini's) tokens that see no image pass through the whole block unchanged,
@@ -62,6 +83,8 @@ class GatedCrossAttentionLayer(nn.Module):
         shape = (1,) if alpha_type == "float" else (1, 1, dim)
         self.alpha_cross_attn = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
         self.alpha_dense = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
+        if word_path:  # starts closed, like the other gates: WORD_NORM * tanh(0) = 0
+            self.alpha_word = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                 gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor:
@@ -70,14 +93,16 @@ class GatedCrossAttentionLayer(nn.Module):
         generation's `KVCache.step_plans` (the decoding step's checks are done once)."""
         if self.dense_needs_image and kv is None:
             return x
-        if x.shape[1] == 1 and not self.dense_needs_image:
+        if x.shape[1] == 1 and not self.dense_needs_image and not hasattr(self, "alpha_word"):
             step = self.compiled_step(x, kv, mask, gate, plans)
             if step is not None:
                 return step
         if kv is not None:
-            attn = self.cross_attn(self.input_layernorm(x), kv, mask)
-            attn = attn.masked_fill((gate == 0)[:, :, None], 0.0)
-            x = x + torch.tanh(self.alpha_cross_attn) * attn
+            attn, words = self.cross_attn(self.input_layernorm(x), kv, mask)
+            unseen = (gate == 0)[:, :, None]
+            x = x + torch.tanh(self.alpha_cross_attn) * attn.masked_fill(unseen, 0.0)
+            if words is not None:
+                x = x + WORD_NORM * torch.tanh(self.alpha_word) * words.masked_fill(unseen, 0.0)
         dense = self.mlp(self.post_attention_layernorm(x))
         if self.dense_needs_image:
             dense = dense.masked_fill((gate == 0)[:, :, None], 0.0)

@@ -120,7 +120,7 @@ def attention_kernel_takes(head_dim: int, mask: torch.Tensor | None) -> bool:
 def attention_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """`cpu_kernels.decode_attention` takes these (one query, one dtype, `attention_kernel_takes`) and can run
     here."""
-    return (attention_kernel_takes(q.shape[-1], mask) and q.dtype == k.dtype == v.dtype
+    return (attention_kernel_takes(q.shape[-1], mask) and v.shape[-1] == q.shape[-1] and q.dtype == k.dtype == v.dtype
             and cpu_kernels.applies(q, k, v))
 
 

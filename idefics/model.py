@@ -58,6 +58,11 @@ class IdeficsModel(nn.Module):
         self.embed_tokens = DecoupledEmbedding(c.vocab_size, c.additional_vocab_size, c.hidden_size, c.pad_token_id)
         self.vision_model = build_vision_encoder(vc)
         image_dim = vc.embed_dim
+        # the encoder's words (idefics-mini's class names) reach the decoder through the cross-attention's word path
+        self.word_path = bool(getattr(self.vision_model, "label_words", False))
+        if self.word_path and self.vision_model.label_width != c.hidden_size:
+            raise ValueError(f"vision_config.label_width ({self.vision_model.label_width}) must equal hidden_size "
+                             f"({c.hidden_size}) with label_words")
         if c.use_resampler:
             self.perceiver_resampler = PerceiverResampler(image_dim, pc.resampler_depth, pc.resampler_n_heads,
                                                           pc.resampler_head_dim, pc.resampler_n_latents,
@@ -69,7 +74,8 @@ class IdeficsModel(nn.Module):
         self.gated_cross_attn_layers = nn.ModuleList(
             GatedCrossAttentionLayer(c.hidden_size, c.intermediate_size, image_dim, c.num_attention_heads,
                                      c.qk_layer_norms, c.rms_norm_eps, c.alpha_type, c.alpha_initializer, alpha_std,
-                                     dense_needs_image=bool(c.extra.get("dense_needs_image", False)))
+                                     dense_needs_image=bool(c.extra.get("dense_needs_image", False)),
+                                     word_path=self.word_path)
             for _ in range(c.num_cross_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
@@ -110,7 +116,8 @@ class IdeficsModel(nn.Module):
 
     def cross_inputs(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         flat = image_states.reshape(image_states.shape[0], -1, image_states.shape[-1])
-        return [layer.cross_attn.project_images(flat) for layer in self.gated_cross_attn_layers]
+        words = self.vision_model.words(image_states) if self.word_path else None
+        return [layer.cross_attn.project_images(flat, words) for layer in self.gated_cross_attn_layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,

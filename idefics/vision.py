@@ -139,7 +139,8 @@ def build_vision_encoder(config: VisionConfig) -> nn.Module:
         net.frozen = True  # BatchNorm keeps its ImageNet statistics even when the parent model trains
         return EfficientNetEncoder(net, label_tokens=int(config.extra.get("label_tokens", 0)),
                                    label_width=int(config.extra.get("label_width", 0)),
-                                   position_code=bool(config.extra.get("position_code", False)))
+                                   position_code=bool(config.extra.get("position_code", False)),
+                                   label_words=bool(config.extra.get("label_words", False)))
     raise ValueError(f"unknown vision_config.model_type {config.model_type!r}")
 
 
@@ -151,21 +152,29 @@ class EfficientNetEncoder(nn.Module):
     own), then optionally `label_tokens` tokens that let the frozen ImageNet classifier speak: for each of its
     top-k classes, the language model's own embedding of the class name (`class_names`, [1000, label_width],
     a frozen buffer rebuilt from the backbones' sources), its probability and its rank. They skip the
-    perceiver (`passthrough_tokens`): the cross-attention reads them beside its latents.
+    perceiver (`passthrough_tokens`): the cross-attention reads them beside its latents. With `label_words` each
+    label token also carries the embedding of the first token of the class name (`class_words`, unit norm), which
+    the cross-attention's word path hands to the language model as it is (`words`).
     """
 
     FEATURE_WIDTH, GRID = 1280, 7
     POSITION_AMPLITUDE = 0.5  # the features are ReLU6 outputs with mean ~0.2 and std ~0.7
 
-    def __init__(self, net: nn.Module, label_tokens: int = 0, label_width: int = 0, position_code: bool = False):
+    def __init__(self, net: nn.Module, label_tokens: int = 0, label_width: int = 0, position_code: bool = False,
+                 label_words: bool = False):
         super().__init__()
         self.net = net
-        if label_tokens and not 0 < label_width <= self.FEATURE_WIDTH - label_tokens - 3:
-            raise ValueError(f"label_width must be in 1..{self.FEATURE_WIDTH - label_tokens - 3} with "
-                             f"label_tokens={label_tokens}, got {label_width}")
-        self.label_tokens, self.label_width = label_tokens, label_width
+        room = (self.FEATURE_WIDTH - label_tokens - 3) // (2 if label_words else 1)
+        if label_tokens and not 0 < label_width <= room:
+            raise ValueError(f"label_width must be in 1..{room} with label_tokens={label_tokens}"
+                             f"{' and label_words' if label_words else ''}, got {label_width}")
+        if label_words and not label_tokens:
+            raise ValueError("label_words needs label_tokens")
+        self.label_tokens, self.label_width, self.label_words = label_tokens, label_width, label_words
         if label_tokens:
             self.register_buffer("class_names", torch.zeros(net._fc.out_features, label_width))
+        if label_words:
+            self.register_buffer("class_words", torch.zeros(net._fc.out_features, label_width))
         self.uses_position_code = position_code
         self._position_code: torch.Tensor | None = None  # built on first use: models are built on the meta device
 
@@ -215,7 +224,8 @@ class EfficientNetEncoder(nn.Module):
 
     def label_token_values(self, probs: torch.Tensor) -> torch.Tensor:
         """[images, 1000] probabilities → [images, label_tokens, 1280]: class-name embedding | probability,
-        log-probability / 10 | rank one-hot | 1 (marks a label token) | zeros."""
+        log-probability / 10 | rank one-hot | 1 (marks a label token) | first-token embedding (`label_words`) |
+        zeros."""
         k, width = self.label_tokens, self.label_width
         top = probs.topk(k, dim=-1)
         n = probs.shape[0]
@@ -225,4 +235,19 @@ class EfficientNetEncoder(nn.Module):
         out[..., width + 1] = top.values.clamp_min(1e-6).log() / 10
         out[..., width + 2: width + 2 + k] = torch.eye(k, device=probs.device)
         out[..., width + 2 + k] = 1.0
+        if self.label_words:
+            out[..., self.word_offset:self.word_offset + width] = self.class_words.float()[top.indices]
         return out
+
+    @property
+    def word_offset(self) -> int:
+        return self.label_width + self.label_tokens + 3
+
+    def words(self, image_states: torch.Tensor) -> torch.Tensor:
+        """[B, N, latents, 1280] cross-attention inputs (latents, then the label tokens) → [B, N * latents,
+        label_width]: each label token's first-token embedding, zero for the latents."""
+        b, n, length, _ = image_states.shape
+        out = image_states.new_zeros(b, n, length, self.label_width)
+        out[:, :, length - self.label_tokens:] = \
+            image_states[:, :, length - self.label_tokens:, self.word_offset:self.word_offset + self.label_width]
+        return out.reshape(b, n * length, self.label_width)

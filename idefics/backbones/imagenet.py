@@ -8,7 +8,8 @@ original ImageNet labels). `python -m idefics.backbones.imagenet` rebuilds it fr
 and Debian's `wordnet-base`.
 
 `name_embeddings` turns each class into one vector of the language model's input-embedding space: the mean
-of the token rows of " name kind", scaled to unit RMS so every class token has the same size.
+of the token rows of " name kind", scaled to unit RMS so every class token has the same size. `word_embeddings`
+gives the row of the first token of " name" at unit norm: the word the model says first when it names the class.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def name_embeddings(embed_weight: torch.Tensor, tokenizer) -> torch.Tensor:
         rows.append(weight[ids].mean(dim=0))
     table = torch.stack(rows)
     return table / table.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def word_embeddings(embed_weight: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[classes, hidden]: the input embedding of the first token of " name", at unit norm."""
+    ids = [tokenizer.encode(" " + entry["name"], add_special_tokens=False).ids[0] for entry in class_table()]
+    rows = embed_weight.float()[torch.tensor(ids)]
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------

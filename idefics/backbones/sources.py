@@ -101,10 +101,10 @@ def vision_config_for(source: str, config: dict[str, Any] | None) -> tuple[Visio
     """The VisionConfig and image preprocessing (size, mean, std) a vision source needs."""
     if source == "efficientnet_lite0":
         options = dict(config or {})
-        unknown = sorted(set(options) - {"label_tokens", "position_code"})
+        unknown = sorted(set(options) - {"label_tokens", "label_words", "position_code"})
         if unknown:
             raise ValueError(f"model.vision_config for efficientnet_lite0: unknown keys {unknown} "
-                             "(label_tokens, position_code)")
+                             "(label_tokens, label_words, position_code)")
         # The TF-trained Lite models read pixels in [-1, 1]: (x/255 - 0.5) / 0.5.
         return (VisionConfig(model_type="efficientnet_lite0", embed_dim=1280, image_size=224, extra=options),
                 ImageSettings(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
@@ -173,11 +173,15 @@ def backbone_state_dict(sources: dict[str, str], config: IdeficsConfig) -> dict[
 
 
 def class_name_state(config: IdeficsConfig, language: LanguageBackbone) -> dict[str, torch.Tensor]:
-    """The frozen class-name table of a vision encoder with label tokens (else nothing): the language model's
-    embeddings of the ImageNet class names (`backbones.imagenet`)."""
-    if not config.vision_config.extra.get("label_tokens"):
+    """The frozen class-name tables of a vision encoder with label tokens (else nothing): the language model's
+    embeddings of the ImageNet class names, and with `label_words` of their first tokens (`backbones.imagenet`)."""
+    extra = config.vision_config.extra
+    if not extra.get("label_tokens"):
         return {}
-    from .imagenet import name_embeddings
+    from .imagenet import name_embeddings, word_embeddings
 
     embed = language.state_dict["model.embed_tokens.weight"]
-    return {VISION_PREFIX + "class_names": name_embeddings(embed, language.tokenizer)}
+    out = {VISION_PREFIX + "class_names": name_embeddings(embed, language.tokenizer)}
+    if extra.get("label_words"):
+        out[VISION_PREFIX + "class_words"] = word_embeddings(embed, language.tokenizer)
+    return out

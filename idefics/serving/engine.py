@@ -254,9 +254,9 @@ class Engine:
                                F.pad(mask, (length - mask.shape[1], 0))])
         old_cross, new_cross = getattr(self.cache, "cross_kv", None), getattr(cache, "cross_kv", None)
         if old_cross is not None or new_cross is not None:
-            old_cross = old_cross or [(torch.zeros_like(k[:1]).expand(len(self.rows), -1, -1, -1),) * 2
-                                      for k, _ in new_cross]
-            new_cross = new_cross or [(torch.zeros_like(k[:1]),) * 2 for k, _ in old_cross]
+            old_cross = old_cross or [tuple(torch.zeros_like(t[:1]).expand(len(self.rows), -1, -1, -1) for t in kv)
+                                      for kv in new_cross]
+            new_cross = new_cross or [tuple(torch.zeros_like(t[:1]) for t in kv) for kv in old_cross]
             self.cache.cross_kv = [(pad_cat(ka, kb), pad_cat(va, vb))
                                    for (ka, va), (kb, vb) in zip(old_cross, new_cross)]
         for key in set(self.step_extra) | set(step_extra):

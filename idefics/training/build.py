@@ -49,7 +49,7 @@ class ModelSpec:
     language_config: dict[str, Any] | None = None  # HF LLaMA config keys, for language: random
     tokenizer: str | None = None  # tokenizer folder (default: the language source's own tokenizer)
     vision: str = "efficientnet_lite0"
-    # VisionConfig keys, for clip; for efficientnet_lite0: label_tokens (top-k class tokens), position_code
+    # VisionConfig keys, for clip; for efficientnet_lite0: label_tokens (top-k class tokens), label_words, position_code
     vision_config: dict[str, Any] | None = None
     perceiver: dict[str, Any] | None = field(default_factory=lambda: {"n_latents": 64, "depth": 6, "heads": 16,
                                                                         "head_dim": 96, "qk_norms": True})

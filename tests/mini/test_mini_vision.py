@@ -12,18 +12,23 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from idefics.backbones.efficientnet import EfficientNetLite0
-from idefics.backbones.imagenet import class_table, describe, name_embeddings, with_article
+from idefics.backbones.imagenet import class_table, describe, name_embeddings, with_article, word_embeddings
+from idefics.cross_attention import WORD_NORM, GatedCrossAttentionLayer
 from idefics.data import Sample, Turn
 from idefics.training.collate import Collator, Encoded, SampleEncoder
 from idefics.vision import EfficientNetEncoder
 
 
-def encoder(label_tokens: int = 3, width: int = 16, position_code: bool = True) -> EfficientNetEncoder:
+def encoder(label_tokens: int = 3, width: int = 16, position_code: bool = True,
+            label_words: bool = False) -> EfficientNetEncoder:
     torch.manual_seed(0)
     net = EfficientNetLite0().eval()
-    enc = EfficientNetEncoder(net, label_tokens=label_tokens, label_width=width, position_code=position_code)
+    enc = EfficientNetEncoder(net, label_tokens=label_tokens, label_width=width, position_code=position_code,
+                              label_words=label_words)
     if label_tokens:
         enc.class_names.copy_(torch.randn(1000, width))
+    if label_words:
+        enc.class_words.copy_(torch.randn(1000, width))
     return enc.eval()
 
 
@@ -125,3 +130,65 @@ def test_batches_carry_made_up_predictions_per_image():
 def test_encoded_defaults_keep_positional_fields():
     e = Encoded([1], [1], [], "k", "s", "src")
     assert (e.key, e.shard, e.source, e.class_probs) == ("k", "s", "src", [])
+
+
+@torch.no_grad()
+def test_label_words_ride_in_the_label_tokens_and_only_there():
+    enc = encoder(label_words=True)
+    pixels = torch.rand(2, 3, 224, 224) * 2 - 1
+    given = torch.zeros(2, 1000)
+    given[:, 285], given[:, 281], given[:, 7] = 0.7, 0.2, 0.05
+    tokens = enc(pixels, given)
+    offset = 16 + 3 + 3  # name | probability, log-probability | rank one-hot | flag
+    assert enc.word_offset == offset
+    for rank, cls in enumerate((285, 281, 7)):
+        torch.testing.assert_close(tokens[:, 49 + rank, offset:offset + 16], enc.class_words[cls].expand(2, -1))
+    assert not tokens[:, 49:, offset + 16:].any()
+    # as the cross-attention reads them: the perceiver's latents (here 4) carry no word, the label tokens theirs
+    states = torch.cat([torch.randn(2, 4, 1280), tokens[:, 49:]], dim=1)[:, None].expand(2, 2, -1, -1)
+    words = enc.words(states)
+    assert words.shape == (2, 2 * 7, 16)
+    for image in range(2):
+        block = words[:, image * 7:(image + 1) * 7]
+        assert not block[:, :4].any()
+        torch.testing.assert_close(block[:, 4:], tokens[:, 49:, offset:offset + 16])
+    with pytest.raises(ValueError, match="label_width"):
+        EfficientNetEncoder(enc.net, label_tokens=5, label_width=700, label_words=True)
+
+
+@torch.no_grad()
+def test_word_path_adds_the_attended_words_at_the_gate_and_nothing_when_closed():
+    """By hand: each head's slice of the output is that head's softmax-weighted sum of the words' slices."""
+    torch.manual_seed(0)
+    dim, heads, image_dim, n = 32, 4, 24, 6
+    layer = GatedCrossAttentionLayer(dim, 64, image_dim, heads, qk_norms=True, eps=1e-5, dense_needs_image=True,
+                                     word_path=True)
+    images = torch.randn(1, n, image_dim)
+    words = torch.zeros(1, n, dim)
+    words[0, 4:] = torch.randn(2, dim)  # the last two tokens carry words
+    kv = layer.cross_attn.project_images(images, words)
+    x = torch.randn(1, 3, dim)
+    mask, gate = torch.zeros(1, 1, 3, n), torch.tensor([[1.0, 1.0, 0.0]])  # the last token sees no image
+    torch.testing.assert_close(layer(x, kv, mask, gate), x)  # all gates closed: the identity
+    layer.alpha_word.fill_(0.3)
+    out = layer(x, kv, mask, gate)
+    attn = layer.cross_attn
+    q = attn.q_layer_norm(attn.q_proj(layer.input_layernorm(x)).view(1, 3, heads, dim // heads)).double()
+    k = attn.k_layer_norm(attn.k_proj(images).view(1, n, heads, dim // heads)).double()
+    weights = torch.einsum("bthd,bshd->bhts", q, k).div((dim // heads) ** 0.5).softmax(-1)
+    per_head = torch.einsum("bhts,bshd->bthd", weights, words.double().view(1, n, heads, dim // heads))
+    expected = x.double() + WORD_NORM * math.tanh(0.3) * per_head.reshape(1, 3, dim) * gate[..., None]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out[:, 2], x[:, 2])  # no image seen: untouched
+
+
+def test_word_embeddings_are_the_first_name_token_at_unit_norm():
+    words = sorted({w for c in class_table() for w in c["name"].split()})
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    weight = torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(0))
+    table = word_embeddings(weight, tokenizer)
+    expected = weight[vocab["Egyptian"]]  # "Egyptian Mau" is said starting with "Egyptian"
+    torch.testing.assert_close(table[285], expected / expected.norm())
+    torch.testing.assert_close(table.norm(dim=-1), torch.ones(1000))
