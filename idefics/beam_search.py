@@ -2,7 +2,7 @@
 early_stopping=...)` (its vectorised `_beam_search`, transformers 5.x).
 
 The prompt is encoded once per prompt (vision and perceiver included), then its self-attention cache and its
-image keys/values are copied to the k beams (`DecodeCache.select_rows` with repeated rows); the reference
+image keys/values are copied to the k beams (`DecodeState.select` with repeated rows); the reference
 instead encodes k copies of every prompt.
 
 Per prompt there are k running beams and k slots of finished hypotheses. Each step:
@@ -24,6 +24,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from .decoding import DecodeState
 from .model import Idefics
 
 NOT_A_CANDIDATE = -1.0e9  # added to a score to rule it out, as the reference does
@@ -52,27 +53,16 @@ def beam_search(model: Idefics, inputs: dict[str, torch.Tensor], num_beams: int,
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     device = model.device
-    input_ids = inputs["input_ids"].to(device)
-    attention_mask = inputs["attention_mask"].to(device)
-    batch, prompt_len = input_ids.shape
-    limit = model.config.max_position_embeddings
-    if prompt_len + max_new_tokens > limit:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({limit})")
+    batch = inputs["input_ids"].shape[0]
     k = num_beams
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     n_candidates = max(2, 1 + len(stop_ids)) * k
     among_best_k = torch.arange(n_candidates, device=device) < k
 
     # Prefill once per prompt, then give every beam its own copy of the prompt's caches.
-    cache = model.new_cache(batch, prompt_len + max_new_tokens)
-    extra = model.prefill_inputs(inputs)
-    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]
-    beam_rows = torch.arange(batch, device=device).repeat_interleave(k)
-    cache.select_rows(beam_rows)
-    logits = logits[beam_rows]
-    attention_mask = attention_mask[beam_rows]
-    step_extra = {key: value[beam_rows] for key, value in model.step_inputs(extra).items()}
+    state, _ = DecodeState.prefill(model, inputs, max_new_tokens)
+    state.select(torch.arange(batch, device=device).repeat_interleave(k))
+    logits = state.logits
     row_offset = torch.arange(batch, device=device)[:, None] * k  # beam b of prompt i is cache row i*k + b
     beam_rows_identity = torch.arange(batch * k, device=device)
 
@@ -137,10 +127,8 @@ def beam_search(model: Idefics, inputs: dict[str, torch.Tensor], num_beams: int,
 
         rows = (parents + row_offset).flatten()
         if not torch.equal(rows, beam_rows_identity):  # copying the cache is the costly part of a step
-            cache.select_rows(rows)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch * k, 1)], 1)
-        logits = model(run_tokens[:, :, step].reshape(-1, 1), attention_mask, cache=cache, logits_to_keep=1,
-                       **step_extra).logits[:, -1]
+            state.select(rows)
+        logits = state.step(run_tokens[:, :, step].reshape(-1))
 
     return [done_tokens[i, 0, : int(done_lengths[i, 0])].tolist() for i in range(batch)]
 

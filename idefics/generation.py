@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from .decoding import DecodeState
 from .model import Idefics
 
 
@@ -86,60 +87,52 @@ def choose(scores: torch.Tensor, params: GenerationParams, generator: torch.Gene
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def stop_reason(params: GenerationParams, token: int, generated: list[int], detokenize=None) -> str | None:
+    """Why a row stops after choosing `token` (`generated` ends with it): a stop token → "eos_token", a stop
+    sequence in the text → "stop_sequence", the token budget spent → "length"; None: it goes on."""
+    if token in params.stop_token_ids:
+        return "eos_token"
+    if params.stop_sequences and detokenize is not None:
+        text = detokenize(generated)
+        if any(s and s in text for s in params.stop_sequences):
+            return "stop_sequence"
+    if len(generated) >= params.max_new_tokens:
+        return "length"
+    return None
+
+
 @torch.inference_mode()
 def decode(model: Idefics, inputs: dict[str, torch.Tensor], params: GenerationParams, pad_token_id: int,
            detokenize=None) -> Iterator[Step]:
     """Yield one `Step` per generated position until every row has stopped. `detokenize(ids) -> str` is
     needed only for stop sequences."""
     params.validate()
-    device = model.device
-    input_ids = inputs["input_ids"].to(device)
-    attention_mask = inputs["attention_mask"].to(device)
-    b, t = input_ids.shape
-    limit = model.config.max_position_embeddings
-    if t + params.max_new_tokens > limit:
-        raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({limit})")
+    state, _ = DecodeState.prefill(model, inputs, params.max_new_tokens)
+    device = state.mask.device
+    b = state.batch
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-
-    cache = model.new_cache(b, t + params.max_new_tokens)
-    extra = model.prefill_inputs(inputs)
-    out = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **extra)
-    step_extra = model.step_inputs(extra)
-    seen = input_ids
+    seen = inputs["input_ids"].to(device)
     generated: list[list[int]] = [[] for _ in range(b)]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    for step in range(params.max_new_tokens):
-        logits = out.logits[:, -1].float()
-        scores = process_logits(logits, seen, params)
-        tokens = choose(scores, params, generator)
+    while True:
+        logits = state.logits
+        tokens = choose(process_logits(logits, seen, params), params, generator)
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         active = ~finished
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad_token_id))
         reasons: list[str | None] = [None] * b
-        hit_stop = torch.isin(tokens, stop_ids) & active
         for row in range(b):
-            if not active[row]:
-                continue
-            generated[row].append(int(tokens[row]))
-            if hit_stop[row]:
-                reasons[row] = "eos_token"
-            elif params.stop_sequences and detokenize is not None:
-                text = detokenize(generated[row])
-                if any(s and s in text for s in params.stop_sequences):
-                    reasons[row] = "stop_sequence"
-            if reasons[row] is None and step == params.max_new_tokens - 1:
-                reasons[row] = "length"
+            if active[row]:
+                generated[row].append(int(tokens[row]))
+                reasons[row] = stop_reason(params, int(tokens[row]), generated[row], detokenize)
         finished = finished | torch.tensor([r is not None for r in reasons], device=device)
         yield Step(tokens, logprobs, active, finished.clone(), reasons)
         if bool(finished.all()):
             return
         seen = torch.cat([seen, tokens[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=attention_mask.dtype, device=device)], 1)
-        out = model(tokens[:, None], attention_mask, cache=cache, logits_to_keep=1, **step_extra)
+        state.step(tokens)
 
 
 class TextStream:

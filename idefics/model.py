@@ -27,16 +27,12 @@ class ModelOutput:
 @dataclass
 class DecodeCache:
     """Everything generation keeps between steps: self-attention keys/values, and the image keys/values of
-    every gated cross-attention layer (computed once at prefill; the reference recomputes them each step)."""
+    every gated cross-attention layer (computed once at prefill; the reference recomputes them each step).
+    `decoding.DecodeState` owns it: rows are selected, copied and joined there."""
 
     kv: KVCache
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     extras: dict = field(default_factory=dict)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.kv.select_rows(rows)
-        if self.cross_kv is not None:
-            self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
 
 
 def to_model(inputs: dict[str, torch.Tensor], keys: tuple[str, ...], device: torch.device,

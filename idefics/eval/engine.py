@@ -7,7 +7,7 @@ What is computed once:
     process, however many prompts show it as a demonstration; prompts then pass `image_hidden_states`;
   - classification encodes each prompt once and copies its KV cache to every class name (OpenFlamingo's
     "use the cache of the context"), instead of re-encoding prompt + class name per class;
-  - beam search encodes each prompt once and copies its cache to the beams.
+  - beam search encodes each prompt once and copies its cache to the beams (`decoding.DecodeState`).
 Demonstrations differ per query (random or RICES), so queries of a batch share no prefix beyond `<s>`.
 
 Images are encoded one at a time (as `Pipeline.image_features` does): a matrix product's rounding can
@@ -21,7 +21,6 @@ Both generations run: IDEFICS reads an image's latents through cross-attention (
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ import torch
 from PIL import Image
 
 from idefics.beam_search import beam_search
+from idefics.decoding import DecodeState
 from idefics.generation import GenerationParams, decode
 from idefics.images import ImageError, load_image
-from idefics.model import DecodeCache
 from idefics.processor import classify_items, image_attention_mask, prompt_text
 from idefics.tokenizer import END_OF_UTTERANCE
 
@@ -197,13 +196,6 @@ def generate_tokens(pipe: Any, inputs: dict[str, torch.Tensor], decoding: Decodi
     return out
 
 
-def _cache_rows(cache: DecodeCache, rows: torch.Tensor) -> DecodeCache:
-    """A copy of `cache` holding the given rows (repeats allowed); `cache` itself is unchanged."""
-    part = DecodeCache(copy.copy(cache.kv), cache.cross_kv, dict(cache.extras))
-    part.select_rows(rows)
-    return part
-
-
 @torch.inference_mode()
 def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_names: Sequence[str],
                           features: ImageFeatureStore, max_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,12 +244,12 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
         prefix_mask[p, width - n:] = 1
         prefix_images[p, width - n:] = full_masks[0][p][:n, :num_images]
     device = model.device
-    cache = model.new_cache(n_prompts, width + suffix_len)
-    images_in = {"image_hidden_states": alone.get("image_hidden_states")}
+    prefix = {"input_ids": prefix_ids, "attention_mask": prefix_mask,
+              "image_hidden_states": alone.get("image_hidden_states")}
     if cross:
-        images_in["image_attention_mask"] = prefix_images.to(device)
-    out = model(prefix_ids.to(device), prefix_mask.to(device), cache=cache, logits_to_keep=1, **images_in)
-    first_logprobs = out.logits[:, -1].float().log_softmax(-1)  # predicts the first token after each prefix
+        prefix["image_attention_mask"] = prefix_images
+    state, _ = DecodeState.prefill(model, prefix, suffix_len)
+    first_logprobs = state.logits.log_softmax(-1)  # predicts the first token after each prefix
 
     # 2. every (prompt, class) suffix, right-padded, from a copy of its prompt's cache
     sums = torch.zeros(n_prompts, n_classes, dtype=torch.float64)
@@ -266,16 +258,15 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
     for start in range(0, len(pairs), max_rows):
         chunk = pairs[start:start + max_rows]
         rows = torch.tensor([p for p, _ in chunk], device=device)
-        part = _cache_rows(cache, rows)
+        part = state.copy_rows(rows)
         ids = torch.full((len(chunk), suffix_len), pad)
         images = torch.zeros(len(chunk), suffix_len, num_images, dtype=torch.long)
         for r, (p, c) in enumerate(chunk):
             tail = full_ids[c][p][shared[p]:]
             ids[r, :len(tail)] = torch.tensor(tail)
             images[r, :len(tail)] = full_masks[c][p][shared[p]:, :num_images]
-        mask = torch.cat([prefix_mask[rows.cpu()], torch.ones(len(chunk), suffix_len, dtype=torch.long)], 1)
         images_in = {"image_attention_mask": images.to(device)} if cross else {}
-        logits = model(ids.to(device), mask.to(device), cache=part, **images_in).logits
+        logits = part.extend(ids, **images_in)
         logprobs = logits.float().log_softmax(-1)
         for r, (p, c) in enumerate(chunk):
             tail = full_ids[c][p][shared[p]:]

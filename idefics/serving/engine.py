@@ -9,9 +9,8 @@ are zero-padded (a zero in the image mask hides the padded image), and everythin
 batch. A finished, timed-out or cancelled request leaves by index-selecting the other rows, and leading columns
 that became padding in every row are trimmed. Sampling settings are per request (each row has its own seed).
 
-The engine only relies on the model's generation interface (`new_cache`, `prefill_inputs`, `step_inputs`,
-`forward(..., cache=, logits_to_keep=)`, a cache with `kv` and optional `cross_kv`), so a model without
-cross-attention (no `cross_kv`, empty step inputs) batches the same way."""
+The batch is one `decoding.DecodeState` (prefill, join, select, step), so a model without cross-attention
+(Idefics2: no image keys/values, empty step inputs) batches the same way."""
 
 from __future__ import annotations
 
@@ -23,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..generation import GenerationParams, TextStream, choose, process_logits
+from ..decoding import DecodeState
+from ..generation import GenerationParams, TextStream, choose, process_logits, stop_reason
 from ..image_cache import with_cached_images
-from ..layers import KVCache
 from .protocol import GenerationResult, TokenInfo
 
 
@@ -103,10 +101,7 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.waiting: deque[Job] = deque()
         self.rows: list[Row] = []
-        self.cache = None  # the batch's decode cache
-        self.mask: torch.Tensor | None = None  # [B, S] attention mask over cached positions
-        self.step_extra: dict[str, torch.Tensor] = {}
-        self.logits: torch.Tensor | None = None  # [B, V] next-token logits of every row
+        self.state: DecodeState | None = None  # the running batch's caches, mask and next-token logits
         self.in_flight = 0  # submitted and not yet finished
         self.steps = 0
         self.lock = threading.Condition()
@@ -192,7 +187,7 @@ class Engine:
     def fail_all(self, message: str) -> None:
         for row in self.rows:
             self.finish_job(row.job, ErrorEvent(message, "generation", 424))
-        self.rows, self.cache, self.mask, self.step_extra, self.logits = [], None, None, {}, None
+        self.rows, self.state = [], None
 
     def admit(self, job: Job) -> None:
         if job.cancelled:
@@ -201,15 +196,16 @@ class Engine:
             return self.finish_job(job, timeout_event())
         job.started_at = time.monotonic()
         try:
-            row, cache, mask, step_extra, logits = self.prefill(job)
+            row, state = self.prefill(job)
         except Exception as error:
             return self.finish_job(job, ErrorEvent(f"Request failed during generation: {type(error).__name__}: "
                                                    f"{error}", "generation", 424))
         if not self.rows:
-            self.rows, self.cache, self.mask, self.step_extra, self.logits = [row], cache, mask, step_extra, logits
+            self.rows, self.state = [row], state
             return
         try:
-            self.merge(row, cache, mask, step_extra, logits)
+            self.rows.append(row)
+            self.state.join(state, room=max(r.remaining for r in self.rows))
         except Exception:
             self.finish_job(job, ErrorEvent("Request failed during generation: could not join the batch",
                                             "generation", 424))
@@ -220,15 +216,11 @@ class Engine:
         # an image seen before (a chat client resends the whole conversation each turn) skips the vision
         # encoder and perceiver: the pipeline's image-feature cache, as for `pipe.generate`
         inputs = with_cached_images(model, job.inputs, getattr(self.pipe, "image_cache", None))
+        state, logits = DecodeState.prefill(model, inputs, params.max_new_tokens, all_logits=job.prefill_details)
         input_ids = inputs["input_ids"].to(model.device)
-        mask = inputs["attention_mask"].to(model.device)
-        t = input_ids.shape[1]
-        cache = model.new_cache(1, t + params.max_new_tokens)
-        extra = model.prefill_inputs(inputs)
-        out = model(input_ids, mask, cache=cache, logits_to_keep=0 if job.prefill_details else 1, **extra)
         prefill = []
         if job.prefill_details:
-            logprobs = out.logits[0, :-1].float().log_softmax(-1).gather(1, input_ids[0, 1:, None])[:, 0]
+            logprobs = logits[0, :-1].float().log_softmax(-1).gather(1, input_ids[0, 1:, None])[:, 0]
             ids = input_ids[0].tolist()
             prefill = [TokenInfo(i, self.tokenizer.decode([i], skip_special_tokens=False),
                                  None if k == 0 else float(logprobs[k - 1])) for k, i in enumerate(ids)]
@@ -238,44 +230,18 @@ class Engine:
         generator = torch.Generator(device=model.device).manual_seed(seed) if params.do_sample else None
         counts = None
         if job.frequency_penalty or job.presence_penalty:
-            counts = torch.zeros(out.logits.shape[-1], device=model.device)
-        row = Row(job, seed if params.do_sample else None, generator, input_ids, int(mask.sum()), prefill,
+            counts = torch.zeros(state.logits.shape[-1], device=model.device)
+        row = Row(job, seed if params.do_sample else None, generator, input_ids, int(state.mask.sum()), prefill,
                   TextStream(self.pipe.detokenize), counts)
-        return row, cache, mask, model.step_inputs(extra), out.logits[:, -1].float()
-
-    def merge(self, row: Row, cache, mask: torch.Tensor, step_extra: dict, logits: torch.Tensor) -> None:
-        """Add a prefilled request (batch of 1) to the running batch."""
-        old, new = self.cache.kv, cache.kv
-        length = max(old.length, new.length)
-        rows = self.rows + [row]
-        capacity = length + max(r.remaining for r in rows)
-        self.cache.kv = KVCache.joined([old, new], capacity)  # the shorter cache left-padded
-        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
-                               F.pad(mask, (length - mask.shape[1], 0))])
-        old_cross, new_cross = getattr(self.cache, "cross_kv", None), getattr(cache, "cross_kv", None)
-        if old_cross is not None or new_cross is not None:
-            old_cross = old_cross or [tuple(torch.zeros_like(t[:1]).expand(len(self.rows), -1, -1, -1) for t in kv)
-                                      for kv in new_cross]
-            new_cross = new_cross or [tuple(torch.zeros_like(t[:1]) for t in kv) for kv in old_cross]
-            self.cache.cross_kv = [(pad_cat(ka, kb), pad_cat(va, vb))
-                                   for (ka, va), (kb, vb) in zip(old_cross, new_cross)]
-        for key in set(self.step_extra) | set(step_extra):
-            a = self.step_extra.get(key)
-            b = step_extra.get(key)
-            a = torch.zeros_like(b[:1]).expand(len(self.rows), *b.shape[1:]) if a is None else a
-            b = torch.zeros_like(a[:1]) if b is None else b
-            self.step_extra[key] = pad_cat(a, b)
-        self.logits = torch.cat([self.logits, logits])
-        self.rows = rows
+        return row, state
 
     def step(self) -> None:
         """Choose every row's next token, report it, drop the rows that are done, run the model once."""
         self.steps += 1
-        logprobs = self.logits.log_softmax(-1)
-        tokens = []
-        for i, row in enumerate(self.rows):
-            tokens.append(self.next_token(row, self.logits[i:i + 1]))
-        chosen = torch.tensor(tokens, device=self.logits.device)
+        logits = self.state.logits
+        logprobs = logits.log_softmax(-1)
+        tokens = [self.next_token(row, logits[i:i + 1]) for i, row in enumerate(self.rows)]
+        chosen = torch.tensor(tokens, device=logits.device)
         picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
         keep = []
         now = time.monotonic()
@@ -290,13 +256,13 @@ class Engine:
             else:
                 keep.append(i)
         if len(keep) < len(self.rows):
-            self.select(keep)
-        if not self.rows:
-            return
-        new_tokens = chosen[keep][:, None] if len(keep) < len(chosen) else chosen[:, None]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        out = self.model(new_tokens, self.mask, cache=self.cache, logits_to_keep=1, **self.step_extra)
-        self.logits = out.logits[:, -1].float()
+            self.rows = [self.rows[i] for i in keep]
+            if not keep:
+                self.state = None
+                return
+            self.state.select(keep)
+            chosen = chosen[keep]
+        self.state.step(chosen)
 
     def next_token(self, row: Row, logits: torch.Tensor) -> int:
         job, params = row.job, row.job.params
@@ -308,8 +274,7 @@ class Engine:
         return int(choose(scores, params, row.generator)[0])
 
     def record(self, row: Row, token: int, logprob: float, logprobs: torch.Tensor) -> bool:
-        """Report one token; True (and the request finished) if it was the last one. Stop rules as in
-        `generation.decode`: stop token → "eos_token", stop sequence → "stop_sequence", budget → "length"."""
+        """Report one token; True (and the request finished) if it was the last one (`generation.stop_reason`)."""
         params = row.job.params
         special = self.tokenizer.is_special(token)
         piece = row.text.push(token)
@@ -326,13 +291,7 @@ class Engine:
                    for v, i in zip(values.tolist(), ids.tolist())]
             row.top_tokens.append(top)
         ids = [t.id for t in row.tokens]
-        reason = None
-        if token in params.stop_token_ids:
-            reason = "eos_token"
-        elif params.stop_sequences and any(s and s in self.pipe.detokenize(ids) for s in params.stop_sequences):
-            reason = "stop_sequence"
-        elif row.remaining <= 0:
-            reason = "length"
+        reason = stop_reason(params, token, ids, self.pipe.detokenize)
         done = None
         if reason is not None:
             info.text += "" if special else row.text.flush()  # text held back for an incomplete character
@@ -342,37 +301,6 @@ class Engine:
         if done is not None:
             self.finish_job(row.job)
         return done is not None
-
-    def select(self, keep: list[int]) -> None:
-        """Keep only some rows of the batch, then trim the columns that are padding in every remaining row."""
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.mask, self.step_extra, self.logits = None, None, {}, None
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        kv = self.cache.kv
-        kv.keys, kv.values = kv.keys[:, index], kv.values[:, index]
-        if getattr(self.cache, "cross_kv", None) is not None:
-            self.cache.cross_kv = [(k[index], v[index]) for k, v in self.cache.cross_kv]
-        self.step_extra = {key: value[index] for key, value in self.step_extra.items()}
-        self.mask, self.logits = self.mask[index], self.logits[index]
-        lead = int((self.mask.cumsum(1) == 0).sum(1).min())
-        if lead:
-            self.mask = self.mask[:, lead:]
-            kv.drop_front(lead)
-
-
-def pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate along dim 0 after zero-padding every other dim (at the end) to the larger size."""
-    shape = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
-
-    def grow(t: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for have, want in reversed(list(zip(t.shape[1:], shape))):
-            pads += [0, want - have]
-        return F.pad(t, pads) if any(pads) else t
-
-    return torch.cat([grow(a), grow(b)])
 
 
 def typical_filter(scores: torch.Tensor, mass: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import IdeficsConfig
+from ..cross_attention import WORD_NORM
 from ..data import expand_shards
 from ..processor import ImageSettings
 from ..tokenizer import Tokenizer
@@ -123,17 +124,24 @@ def setup_model(config: RunConfig, tokenizer_dir: Path) -> tuple[torch.nn.Module
 
 @torch.no_grad()
 def gate_values(model: torch.nn.Module) -> dict[str, float]:
-    """Mean |tanh(alpha)| of the cross-attention and dense gates: how much the new blocks contribute.
-    (Under FSDP every process must call this: gathering a sharded gate is collective.)"""
-    def mean_abs_tanh(name: str) -> float:
+    """Mean |tanh(alpha)| of the cross-attention and dense gates: how much the new blocks contribute; with a word
+    path, its largest gain (in residual-stream norm). (Under FSDP every process must call this: gathering a
+    sharded gate is collective.)"""
+    def abs_tanh(name: str) -> list[torch.Tensor]:
         values = []
         for layer in model.model.gated_cross_attn_layers:
             alpha = getattr(layer, name)
             alpha = alpha.full_tensor() if hasattr(alpha, "full_tensor") else alpha
             values.append(torch.tanh(alpha.float()).abs().mean())
+        return values
+
+    def mean(values: list[torch.Tensor]) -> float:
         return float(torch.stack(values).mean()) if values else 0.0
 
-    return {"gate_xattn": mean_abs_tanh("alpha_cross_attn"), "gate_dense": mean_abs_tanh("alpha_dense")}
+    gates = {"gate_xattn": mean(abs_tanh("alpha_cross_attn")), "gate_dense": mean(abs_tanh("alpha_dense"))}
+    if getattr(model.model, "word_path", False):
+        gates["word_gain"] = WORD_NORM * float(torch.stack(abs_tanh("alpha_word")).max())
+    return gates
 
 
 def micro_batches(rows: list, size: int) -> list[list]:

@@ -110,15 +110,15 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_rows(pipe):
     for job, _ in jobs:
         engine.submit(job)
     engine.iterate()
-    assert engine.cache.kv.keys.shape[1] == 3
+    assert engine.state.cache.kv.keys.shape[1] == 3
     jobs[1][0].cancel()
     engine.iterate()  # dropped at the next step
-    assert len(engine.rows) == 2 and engine.cache.kv.keys.shape[1] == 2 and engine.in_flight == 2
-    assert all(k.shape[0] == 2 for k, _ in engine.cache.cross_kv)
+    assert len(engine.rows) == 2 and engine.state.cache.kv.keys.shape[1] == 2 and engine.in_flight == 2
+    assert all(k.shape[0] == 2 for k, _ in engine.state.cache.cross_kv)
     # the longest prompt's padding columns are trimmed once no remaining row needs them
-    assert not bool((engine.mask == 0).all(0).any())
+    assert not bool((engine.state.mask == 0).all(0).any())
     run_until_idle(engine)
-    assert engine.in_flight == 0 and engine.cache is None
+    assert engine.in_flight == 0 and engine.state is None
     tokens, result = drain(jobs[1][1])
     assert result is None and 1 <= len(tokens) < 30  # no final event: the client is gone
     alone = pipe.generate_detailed([prompts()[2]], max_new_tokens=30, stop_token_ids=[])[0]
