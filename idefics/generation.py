@@ -16,6 +16,11 @@ from .decoding import DecodeState
 from .model import Idefics
 
 
+# Sampling settings outside these ranges overflow float32 (logits / 1e-300 is inf, and inf - inf is NaN).
+MIN_TEMPERATURE = 1e-3
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
+
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 50
@@ -33,14 +38,16 @@ class GenerationParams:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            problems.append(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
+            problems.append(f"temperature must be >= {MIN_TEMPERATURE} when sampling (greedy decoding is "
+                            f"do_sample=False), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            problems.append(f"repetition_penalty must be in [{low}, {high}], got {self.repetition_penalty}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -84,7 +91,10 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: GenerationP
 def choose(scores: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> torch.Tensor:
     if not params.do_sample:
         return scores.argmax(-1)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = scores.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):  # e.g. every token banned or penalised to -inf
+        raise ValueError("sampling found no valid next-token distribution (all scores are -inf or NaN)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def stop_reason(params: GenerationParams, token: int, generated: list[int], detokenize=None) -> str | None:

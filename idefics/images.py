@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, Callable
+from urllib.parse import urljoin, urlparse
 
 import numpy as np
 import torch
@@ -29,7 +31,13 @@ class ImageError(ValueError):
 @dataclass
 class ImagePolicy:
     """Limits on what an image item may be. The library default fetches URLs (as the reference does);
-    the server turns fetching off unless asked, and restricts hosts."""
+    the server turns fetching off unless asked, restricts hosts and gives one error text for every failed fetch
+    (`detailed_fetch_errors=False`: different errors would let a client map what the server can reach).
+
+    With `allow_internal=False` (the server's setting), a host that resolves to a loopback, private, link-local
+    (cloud metadata), multicast or reserved address is refused before any connection, whatever the allow-list,
+    unless it is named in `allowed_hosts` itself. The connection goes to the address that was checked, and
+    every redirect is checked the same way."""
 
     allow_urls: bool = True
     allowed_hosts: tuple[str, ...] | None = None  # None: any host
@@ -37,6 +45,9 @@ class ImagePolicy:
     max_pixels: int = 50_000_000
     timeout: float = 10.0
     fetch_headers: dict[str, str] = field(default_factory=lambda: {"User-Agent": "idefics"})
+    detailed_fetch_errors: bool = True
+    allow_internal: bool = True
+    resolve: Callable[..., list] = socket.getaddrinfo  # host name → addresses (replaceable in tests)
 
 
 def is_url(text: str) -> bool:
@@ -80,31 +91,93 @@ def checked_load(image: Image.Image, what: str, policy: ImagePolicy) -> Image.Im
     return image
 
 
-def fetch_url(url: str, what: str, policy: ImagePolicy) -> bytes:
-    import httpx
+MAX_REDIRECTS = 3
 
+
+class FetchRefused(Exception):
+    """Why a URL was not fetched (shown only where the policy gives detailed errors)."""
+
+
+def fetch_url(url: str, what: str, policy: ImagePolicy) -> bytes:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
         raise ImageError(f"{what}: only http(s) image URLs are supported, got {parsed.scheme!r}")
     if not policy.allow_urls:
         raise ImageError(f"{what}: remote image URLs are disabled")
-    if policy.allowed_hosts is not None and parsed.hostname not in policy.allowed_hosts:
-        raise ImageError(f"{what}: host {parsed.hostname!r} is not in the allowed hosts")
     try:
-        # No redirects: a redirect could lead to a host that the allow-list would refuse.
-        with httpx.stream("GET", url, timeout=policy.timeout, follow_redirects=False,
-                          headers=policy.fetch_headers) as response:
-            if response.status_code != 200:
-                raise ImageError(f"{what}: fetching {url} returned HTTP {response.status_code}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > policy.max_bytes:
-                    raise ImageError(f"{what}: {url} is larger than the limit of {policy.max_bytes} bytes")
-                chunks.append(chunk)
-    except httpx.HTTPError as error:
-        raise ImageError(f"{what}: cannot fetch {url} ({type(error).__name__}: {error})") from None
-    return b"".join(chunks)
+        return fetch_checked(url, policy)
+    except FetchRefused as reason:
+        detail = f" ({reason})" if policy.detailed_fetch_errors else ""
+        raise ImageError(f"{what}: cannot fetch the image at {url}{detail}") from None
+
+
+def fetch_checked(url: str, policy: ImagePolicy) -> bytes:
+    """The body of `url`, following at most MAX_REDIRECTS redirects, each to a checked address."""
+    import httpx
+
+    for _ in range(MAX_REDIRECTS + 1):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise FetchRefused(f"not an http(s) URL: {url}")
+        address = checked_address(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), policy)
+        host = f"[{address}]" if ":" in address else address
+        pinned = parsed._replace(netloc=host + (f":{parsed.port}" if parsed.port else "")).geturl()
+        headers = {**policy.fetch_headers, "Host": parsed.netloc.rsplit("@", 1)[-1]}
+        try:
+            with httpx.Client(timeout=policy.timeout, follow_redirects=False) as client:
+                # connect to the checked address; TLS still verifies the certificate for the host name
+                request = client.build_request("GET", pinned, headers=headers,
+                                               extensions={"sni_hostname": parsed.hostname})
+                response = client.send(request, stream=True)
+                try:
+                    if response.is_redirect and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise FetchRefused(f"HTTP {response.status_code}")
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > policy.max_bytes:
+                            raise FetchRefused(f"larger than the limit of {policy.max_bytes} bytes")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+                finally:
+                    response.close()
+        except httpx.HTTPError as error:
+            raise FetchRefused(f"{type(error).__name__}: {error}") from None
+    raise FetchRefused(f"more than {MAX_REDIRECTS} redirects")
+
+
+def checked_address(hostname: str, port: int, policy: ImagePolicy) -> str:
+    """The address to connect to for `hostname`, after the allow-list and the internal-address rule."""
+    named = policy.allowed_hosts is not None and hostname in policy.allowed_hosts
+    if policy.allowed_hosts is not None and not named:
+        raise FetchRefused(f"host {hostname!r} is not in the allowed hosts")
+    try:
+        literal = ipaddress.ip_address(hostname.strip("[]"))
+        addresses = [literal]
+    except ValueError:
+        try:
+            found = policy.resolve(hostname, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as error:
+            raise FetchRefused(f"cannot resolve {hostname!r} ({error})") from None
+        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
+    if not addresses:
+        raise FetchRefused(f"{hostname!r} resolves to no address")
+    internal = [a for a in addresses if is_internal(a)]
+    if internal and not (named or policy.allow_internal):
+        raise FetchRefused(f"{hostname!r} resolves to an internal address ({internal[0]}); name the host in "
+                           "the allowed hosts to reach it")
+    return str(addresses[0])
+
+
+def is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, private, link-local (169.254.169.254 serves cloud metadata), multicast, reserved or unspecified."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return (address.is_loopback or address.is_private or address.is_link_local or address.is_multicast
+            or address.is_reserved or address.is_unspecified)
 
 
 def load_image(item: Any, what: str = "image", policy: ImagePolicy | None = None) -> Image.Image:
@@ -128,7 +201,13 @@ def load_image(item: Any, what: str = "image", policy: ImagePolicy | None = None
                 raise ImageError(f"{what}: invalid base64 in data URI ({error})") from None
             return decode_image_bytes(data, what, policy)
         if is_url(text):
-            return decode_image_bytes(fetch_url(text, what, policy), what, policy)
+            data = fetch_url(text, what, policy)
+            try:
+                return decode_image_bytes(data, what, policy)
+            except ImageError:
+                if policy.detailed_fetch_errors:
+                    raise
+                raise ImageError(f"{what}: cannot fetch the image at {text}") from None
     raise ImageError(f"{what}: unsupported item type {type(item).__name__}; use text (str), a PIL image, "
                      "a pathlib.Path, bytes, a data: URI or an http(s) URL")
 

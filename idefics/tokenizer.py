@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,12 @@ class Tokenizer:
     def has_end_of_utterance(self) -> bool:
         """True for instruct tokenizers: `<end_of_utterance>` is one of their additional special tokens."""
         return END_OF_UTTERANCE in self.additional_special_tokens
+
+    @cached_property
+    def longest_token(self) -> int:
+        """Characters in the longest vocabulary entry: no token covers more text than this, so a text longer than
+        n * longest_token cannot fit in n tokens (checked before tokenizing)."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

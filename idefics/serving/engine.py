@@ -170,10 +170,9 @@ class Engine:
                 if self.rows:
                     self.step()
         except Exception as error:  # a failed batch step fails its requests, not the server
-            message = f"Request failed during generation: {type(error).__name__}: {error}"
             for job in joining:
-                self.finish_job(job, ErrorEvent(message, "generation", 424))
-            self.fail_all(message)
+                self.finish_job(job, request_failed(error))
+            self.fail_all(request_failed(error).message)
 
     def finish_job(self, job: Job, event: Any = None) -> None:
         if job.finished:
@@ -198,8 +197,7 @@ class Engine:
         try:
             row, state = self.prefill(job)
         except Exception as error:
-            return self.finish_job(job, ErrorEvent(f"Request failed during generation: {type(error).__name__}: "
-                                                   f"{error}", "generation", 424))
+            return self.finish_job(job, request_failed(error))
         if not self.rows:
             self.rows, self.state = [row], state
             return
@@ -240,13 +238,24 @@ class Engine:
         self.steps += 1
         logits = self.state.logits
         logprobs = logits.log_softmax(-1)
-        tokens = [self.next_token(row, logits[i:i + 1]) for i, row in enumerate(self.rows)]
-        chosen = torch.tensor(tokens, device=logits.device)
+        tokens: list[int | Exception] = []
+        for i, row in enumerate(self.rows):
+            try:  # one request's settings (penalties, sampling) must not fail the others
+                tokens.append(self.next_token(row, logits[i:i + 1]))
+            except Exception as error:
+                tokens.append(error)
+        chosen = torch.tensor([t if isinstance(t, int) else 0 for t in tokens], device=logits.device)
         picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
         keep = []
         now = time.monotonic()
         for i, row in enumerate(self.rows):
-            finished = self.record(row, tokens[i], picked[i], logprobs[i])
+            try:
+                if isinstance(tokens[i], Exception):
+                    raise tokens[i]
+                finished = self.record(row, tokens[i], picked[i], logprobs[i])
+            except Exception as error:
+                self.finish_job(row.job, request_failed(error))
+                continue
             if finished:
                 continue
             if row.job.cancelled:
@@ -312,6 +321,10 @@ def typical_filter(scores: torch.Tensor, mass: float) -> torch.Tensor:
     last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
     remove = torch.arange(scores.shape[-1], device=scores.device)[None] > last
     return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def request_failed(error: Exception) -> ErrorEvent:
+    return ErrorEvent(f"Request failed during generation: {type(error).__name__}: {error}", "generation", 424)
 
 
 def timeout_event() -> ErrorEvent:

@@ -37,6 +37,16 @@ def count_images(items: list[tuple[str, str]], limits: Limits) -> int:
     return n
 
 
+def check_text_size(pipe, items: list[tuple[str, str]], limits: Limits) -> None:
+    """Refuse, before tokenizing, a prompt whose text cannot fit in the token limit: no token covers more
+    characters than the vocabulary's longest entry (huge prompts would otherwise be tokenized in full first)."""
+    chars = sum(len(value) for kind, value in items if kind == "text")
+    most = limits.max_total_tokens * pipe.tokenizer.longest_token
+    if chars > most:
+        raise invalid(f"the prompt has {chars} characters, more than {limits.max_total_tokens} tokens can hold "
+                      f"({most} characters at most)", "inputs")
+
+
 def load_request_image(url: str, where: str, limits: Limits, policy: ImagePolicy) -> Image.Image:
     try:
         if image_source(url) == "data":
@@ -68,6 +78,7 @@ def token_budget(n_input: int, max_new: int | None, limits: Limits, default: int
 def prepare(pipe, req: GenerationRequest, limits: Limits, policy: ImagePolicy) -> Prepared:
     """Request → model inputs (a batch of one) and decoding parameters, or ApiError."""
     count_images(req.items, limits)
+    check_text_size(pipe, req.items, limits)
     if isinstance(pipe.processor, Processor):
         inputs, max_new = idefics_inputs(pipe, req, limits, policy)
     else:
@@ -128,18 +139,23 @@ def image_policy(limits: Limits, hosts: tuple[str, ...] | None, timeout: float) 
     """hosts None: remote URLs off; ("*",): any http(s) host; otherwise only those host names."""
     return ImagePolicy(allow_urls=hosts is not None,
                        allowed_hosts=None if hosts is not None and "*" in hosts else tuple(hosts or ()),
-                       max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, timeout=timeout)
+                       max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, timeout=timeout,
+                       detailed_fetch_errors=False, allow_internal=False)
 
 
 def tokenize(pipe, req: GenerationRequest, limits: Limits) -> list[dict]:
     """TGI `/tokenize`: the tokens of the model's prompt string (images as their placeholder tokens), with
-    character offsets into that string. No image is loaded."""
+    character offsets into that string, under the same limits as generation (the text size before tokenizing,
+    then the input tokens). No image is loaded."""
     count_images(req.items, limits)
+    check_text_size(pipe, req.items, limits)
     if isinstance(pipe.processor, Processor):
         text, special = model_text(pipe, req.items), False
     else:  # the prompt as written, images as `<image>` markers
         text, special = "".join(v if k == "text" else "<image>" for k, v in req.items), True
     encoding = pipe.tokenizer.backend.encode(text, add_special_tokens=special)
+    if len(encoding.ids) > limits.max_input_tokens:
+        raise invalid(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {len(encoding.ids)}")
     return [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in zip(encoding.ids, encoding.offsets)]
 
 

@@ -13,9 +13,14 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
+
+from ..generation import MIN_TEMPERATURE, REPETITION_PENALTY_RANGE
 
 INVALID = "Input validation error: "
 
@@ -179,13 +184,34 @@ def _field(data: dict, key: str, kind: str, default: Any, where: str = "") -> An
     return float(value) if kind == "float" else value
 
 
-def parse_json_object(raw: bytes) -> dict:
+MAX_JSON_DEPTH = 32  # the deepest request (an OpenAI chat with image parts) nests 6 levels
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+OPENING, CLOSING = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def json_depth(raw: bytes | bytearray) -> int:
+    """How deeply arrays and objects nest in a JSON text (brackets inside strings do not count), without
+    parsing it: the decoder recurses once per level."""
+    brackets = np.frombuffer(JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    steps = np.isin(brackets, OPENING).astype(np.int32) - np.isin(brackets, CLOSING).astype(np.int32)
+    return int(steps.cumsum().max(initial=0))
+
+
+def parse_json_object(raw: bytes | bytearray) -> dict:
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted",
+                       "validation")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"Failed to parse the request body as JSON: {error}", "validation") from None
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("the request contains invalid Unicode (a lone surrogate such as \\ud800)") from None
     return body
 
 
@@ -226,8 +252,9 @@ def parse_tgi_request(body: dict, limits: Limits) -> GenerationRequest:
     top_k = _field(p, "top_k", "int", None)
     top_p = _field(p, "top_p", "float", None)
     typical_p = _field(p, "typical_p", "float", None)
-    if temperature is not None and temperature <= 0:
-        raise invalid("`temperature` must be strictly positive", "temperature")
+    if temperature is not None and not temperature >= MIN_TEMPERATURE:
+        raise invalid(f"`temperature` must be >= {MIN_TEMPERATURE} (smaller values overflow; greedy decoding is "
+                      "`do_sample: false`)", "temperature")
     if top_k is not None and top_k <= 0:
         raise invalid("`top_k` must be strictly positive", "top_k")
     for name, value in (("top_p", top_p), ("typical_p", typical_p)):
@@ -238,8 +265,9 @@ def parse_tgi_request(body: dict, limits: Limits) -> GenerationRequest:
     req.temperature, req.top_k = temperature or 1.0, top_k or 0
     req.top_p, req.typical_p = top_p or 1.0, typical_p or 1.0
     req.repetition_penalty = _field(p, "repetition_penalty", "float", 1.0)
-    if req.repetition_penalty <= 0:
-        raise invalid("`repetition_penalty` must be strictly positive", "repetition_penalty")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= req.repetition_penalty <= high:
+        raise invalid(f"`repetition_penalty` must be >= {low} and <= {high}", "repetition_penalty")
     req.frequency_penalty = _field(p, "frequency_penalty", "float", 0.0)
     if not -2 <= req.frequency_penalty <= 2:
         raise invalid("`frequency_penalty` must be >= -2.0 and <= 2.0", "frequency_penalty")
@@ -354,8 +382,8 @@ def parse_chat_request(body: dict, limits: Limits, end_of_turn: str = "<end_of_u
     check_max_new_tokens(max_tokens, limits, "max_tokens")
     req.max_new_tokens, req.default_new_tokens = max_tokens, limits.default_max_new_tokens
     temperature = _field(body, "temperature", "float", 1.0)
-    if not 0 <= temperature <= 2:
-        raise invalid("`temperature` must be >= 0 and <= 2", "temperature")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2):
+        raise invalid(f"`temperature` must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2]", "temperature")
     req.do_sample, req.temperature = temperature > 0, temperature if temperature > 0 else 1.0
     req.top_p = _field(body, "top_p", "float", 1.0)
     if not 0 < req.top_p <= 1:
@@ -459,12 +487,43 @@ def openai_logprobs(tokens: list[TokenInfo], top_tokens: list[list[TokenInfo]]) 
     return {"content": [{**entry(t), "top_logprobs": [entry(x) for x in top]} for t, top in zip(tokens, steps)]}
 
 
+class StopTextFilter:
+    """OpenAI's answers end before a stop sequence (TGI's include it). Streamed text that could be the start of
+    a stop sequence is held back until the next pieces show whether it is."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.pending, self.stopped = [s for s in stops if s], "", False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        cut = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def without_stop_text(text: str, stops: list[str]) -> str:
+    filter_ = StopTextFilter(stops)
+    return filter_.push(text) + filter_.flush()
+
+
 def chat_completion(result: GenerationResult, req: GenerationRequest, model: str, completion_id: str,
                     created: int, fingerprint: str) -> dict:
     logprobs = openai_logprobs(result.tokens, result.top_tokens) if req.details else None
+    text = without_stop_text(result.generated_text, req.stop)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.generated_text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": logprobs, "finish_reason": openai_finish_reason(result.finish_reason)}],
             "usage": usage(result)}
 
@@ -480,11 +539,13 @@ def tgi_error(error: ApiError) -> dict:
     return {"error": error.message, "error_type": error.error_type}
 
 
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error", 424: "server_error", 504: "server_error"}
 
 
 def openai_error(error: ApiError) -> dict:
+    """OpenAI's error body. The type follows the status: a request the server refuses is an
+    `invalid_request_error`, a generation that failed or timed out a `server_error`."""
     kind = OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error")
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.error_type}}
 

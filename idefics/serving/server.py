@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import logging
 import os
 import time
 import uuid
@@ -20,17 +21,19 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..model_options import add_model_options, load_from_args
 from .engine import Engine, ErrorEvent, Job, Overloaded
 from .inputs import image_policy, overloaded, prepare, tokenize
 from .metrics import ServerMetrics
-from .protocol import (ApiError, GenerationRequest, GenerationResult, Limits, chat_chunk, chat_completion,
-                       openai_error, openai_logprobs, parse_chat_request, parse_json_object, parse_tgi_request,
-                       sse, tgi_error, tgi_response, tgi_stream_event, usage)
+from .protocol import (ApiError, GenerationRequest, GenerationResult, Limits, StopTextFilter, chat_chunk,
+                       chat_completion, openai_error, openai_logprobs, parse_chat_request, parse_json_object,
+                       parse_tgi_request, sse, tgi_error, tgi_response, tgi_stream_event, usage)
 
 API_KEY_ENV = "IDEFICS_API_KEY"
+log = logging.getLogger("idefics.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -44,7 +47,8 @@ class ServerSettings:
     image_hosts: tuple[str, ...] | None = None  # None: remote image URLs off; ("*",): any host
     image_fetch_timeout: float = 5.0
     api_key: str | None = None
-    validation_workers: int = 2  # requests whose images are decoded at the same time
+    validation_workers: int = 2  # requests whose text and images are checked at the same time
+    body_timeout: float = 30.0  # seconds to receive a whole request body
 
 
 def fit_limits(limits: Limits, context: int) -> Limits:
@@ -53,6 +57,10 @@ def fit_limits(limits: Limits, context: int) -> Limits:
     return replace(limits, max_total_tokens=total, max_input_tokens=min(limits.max_input_tokens, total - 1),
                    max_new_tokens=min(limits.max_new_tokens, total - 1),
                    default_max_new_tokens=min(limits.default_max_new_tokens, total - 1))
+
+
+class ClientGone(Exception):
+    """The client went away before its request was read: nothing to answer, one log line."""
 
 
 class Service:
@@ -69,31 +77,47 @@ class Service:
         self.end_of_turn = "<end_of_utterance>" if pipe.tokenizer.has_end_of_utterance else ""
         self.fingerprint = f"idefics-{__version__}"
 
+    def refuse_if_full(self) -> None:
+        """429 before the body is read or parsed: refusing must cost far less than serving."""
+        if self.engine.in_flight + self.validating >= self.engine.capacity:
+            raise overloaded()
+
     async def read_json(self, request: Request) -> dict:
+        """The body as a JSON object: size-limited, received within `body_timeout`, parsed off the event loop."""
         limit = self.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body ({declared} bytes) is larger than the limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is larger than the limit of {limit} bytes")
-            chunks.append(chunk)
-        return parse_json_object(b"".join(chunks))
+        raw = bytearray()  # one buffer, no list of chunks and no joined copy
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                async for chunk in request.stream():
+                    if len(raw) + len(chunk) > limit:
+                        raise ApiError(413, f"the request body is larger than the limit of {limit} bytes")
+                    raw += chunk
+        except TimeoutError:
+            raise ApiError(408, f"the request body was not received within {self.settings.body_timeout:g} s",
+                           "timeout") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return parse_json_object(raw) if len(raw) < 2**16 else await self.in_worker(parse_json_object, raw)
 
-    async def submit(self, req: GenerationRequest) -> tuple[Job, asyncio.Queue]:
-        """Check and prepare the request in a worker thread, then queue it (429 when the server is full)."""
-        if self.engine.in_flight + self.validating >= self.engine.capacity:
-            raise overloaded()
+    async def in_worker(self, function, *args):
+        """Run CPU-heavy request work (parsing, tokenizing, image decoding) in a worker thread, at most
+        `validation_workers` at a time, so the event loop keeps answering."""
         self.gate = self.gate or asyncio.Semaphore(self.settings.validation_workers)
-        arrived = time.monotonic()
         self.validating += 1
         try:
             async with self.gate:
-                prepared = await asyncio.to_thread(prepare, self.pipe, req, self.limits, self.policy)
+                return await asyncio.to_thread(function, *args)
         finally:
             self.validating -= 1
+
+    async def submit(self, req: GenerationRequest) -> tuple[Job, asyncio.Queue]:
+        """Check and prepare the request in a worker thread, then queue it (429 when the server is full)."""
+        self.refuse_if_full()
+        arrived = time.monotonic()
+        prepared = await self.in_worker(prepare, self.pipe, req, self.limits, self.policy)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(prepared.inputs, prepared.params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
                   req.frequency_penalty, req.presence_penalty, req.typical_p, req.top_n_tokens,
@@ -154,12 +178,15 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         yield
         service.engine.stop()
 
-    app = FastAPI(title="idefics", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="idefics", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # the schema is served below, behind the API key
     app.state.service = service
 
     def error_response(request: Request, error: ApiError) -> JSONResponse:
         openai_route = request.url.path.startswith("/v1")
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+        if error.status == 429:
+            headers["Retry-After"] = "1"
         if error.status in (424, 504):
             headers["x-should-retry"] = "false"  # retrying the same request would fail the same way
         body = openai_error(error) if openai_route else tgi_error(error)
@@ -177,6 +204,12 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         return error_response(request, ApiError(error.status_code, f"{request.method} {request.url.path}: "
                                                 f"{error.detail}", kind))
 
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, error: ClientGone):
+        log.info("%s %s: the client disconnected while sending the request body", request.method, request.url.path)
+        service.metrics.failure("dropped")
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception):
         return error_response(request, ApiError(500, f"internal error: {type(error).__name__}", "internal"))
@@ -193,6 +226,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------------------------------- TGI routes
     async def tgi_generate(request: Request, stream: bool | None):
+        service.refuse_if_full()
         req = parse_tgi_request(await service.read_json(request), limits)
         job, queue = await service.submit(req)
         if stream if stream is not None else req.stream:
@@ -245,7 +279,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize_route(request: Request):
         req = parse_tgi_request(await service.read_json(request), limits)
-        return JSONResponse(tokenize(pipe, req, limits))
+        return JSONResponse(await service.in_worker(tokenize, pipe, req, limits))
 
     @app.get("/info", dependencies=guarded)
     async def info():
@@ -269,6 +303,10 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             raise ApiError(503, "unhealthy", "healthcheck")
         return Response(status_code=200)
 
+    @app.get("/openapi.json", dependencies=guarded)
+    async def openapi_schema():
+        return app.openapi()
+
     @app.get("/metrics", dependencies=guarded)
     async def metrics():
         return PlainTextResponse(service.metrics.render(service.engine.stats()),
@@ -282,6 +320,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request):
+        service.refuse_if_full()
         req = parse_chat_request(await service.read_json(request), limits, service.end_of_turn)
         job, queue = await service.submit(req)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -300,6 +339,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
                                   logprobs))
 
         answered = False
+        text = StopTextFilter(req.stop)  # OpenAI answers end before the stop sequence
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -310,9 +350,12 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
                     yield sse(openai_error(ApiError(event.status, event.message, event.error_type)))
                     return
                 token = event.token
-                if not token.special and token.text:
+                piece = text.push(token.text) if not token.special else ""
+                if event.done is not None:
+                    piece += text.flush()
+                if piece:
                     logprobs = openai_logprobs([token], [event.top_tokens]) if req.details else None
-                    yield chunk({"content": token.text}, logprobs=logprobs)
+                    yield chunk({"content": piece}, logprobs=logprobs)
                 if event.done is not None:
                     answered = True
                     service.metrics.success(job, event.done)

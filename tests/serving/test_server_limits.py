@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from idefics.images import ImageError, ImagePolicy, load_image
 from tests.helpers import png_bytes, random_image
 from tests.serving.helpers import alone, card_prompt, hold, live_server, one_thread, pipe, wait_for  # noqa: F401
 from tests.helpers import REPO
@@ -22,20 +23,26 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def image_host():
-    """A loopback HTTP server with /cat.png, /redirect (to the same file under the name `localhost`)."""
+    """A loopback HTTP server with /cat.png, /notes.txt (not an image), /forbidden (403), /redirect (to
+    /cat.png under the name `localhost`) and /here (to /cat.png on the same address)."""
     picture = png_bytes(random_image(6, (36, 28)))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path == "/cat.png":
+            port = self.server.server_address[1]
+            if self.path in ("/cat.png", "/notes.txt"):
+                body = picture if self.path == "/cat.png" else b"not an image"
                 self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(picture)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(picture)
+                self.wfile.write(body)
+            elif self.path == "/forbidden":
+                self.send_response(403)
+                self.end_headers()
             else:
                 self.send_response(302)
-                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cat.png")
+                target = "localhost" if self.path == "/redirect" else "127.0.0.1"
+                self.send_header("Location", f"http://{target}:{port}/cat.png")
                 self.end_headers()
 
         def log_message(self, *args):
@@ -55,18 +62,57 @@ def test_remote_image_urls_only_from_allowed_hosts(pipe, image_host):
         response = client.generate(card_prompt(f"http://{host}/cat.png"), max_new_tokens=6)
         from PIL import Image
         assert response.generated_text == alone(pipe, Image.open(io.BytesIO(picture)), max_new_tokens=6).text
+        # a redirect to an allowed host is followed (and checked again)
+        assert client.generate(card_prompt(f"http://{host}/here"), max_new_tokens=6).generated_text == \
+            response.generated_text
         port = host.split(":")[1]
-        refused = {f"http://localhost:{port}/cat.png": "not in the allowed hosts",  # loopback, other name
-                   f"http://{host}/redirect": "HTTP 302",  # redirects are not followed
-                   f"ftp://{host}/cat.png": "scheme 'ftp'"}
-        for image_url, words in refused.items():
-            with pytest.raises(text_generation.errors.ValidationError, match=words):
+        # refused host, redirect to a refused host, 403, not an image: one message, nothing to map services by
+        for image_url in (f"http://localhost:{port}/cat.png", f"http://{host}/redirect", f"http://{host}/forbidden",
+                          f"http://{host}/notes.txt"):
+            with pytest.raises(text_generation.errors.ValidationError) as refused:
                 client.generate(card_prompt(image_url), max_new_tokens=2)
+            assert str(refused.value) == f"Input validation error: invalid image: image 1: cannot fetch the image " \
+                                         f"at {image_url}"
+        with pytest.raises(text_generation.errors.ValidationError, match="scheme 'ftp'"):
+            client.generate(card_prompt(f"ftp://{host}/cat.png"), max_new_tokens=2)
         assert httpx.get(f"{url}/health").status_code == 200
     with live_server(pipe, image_hosts=("images.example.com",)) as (url, _):
-        with pytest.raises(text_generation.errors.ValidationError, match="not in the allowed hosts"):
+        with pytest.raises(text_generation.errors.ValidationError, match="cannot fetch the image"):
             text_generation.Client(url).generate(card_prompt(f"http://{host}/cat.png"), max_new_tokens=2)
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_any_host_still_refuses_internal_addresses_before_connecting(pipe, image_host, monkeypatch):
+    """`--allow-image-urls '*'`: names that resolve (here through a stub resolver) to loopback, private,
+    link-local or metadata addresses are refused before any connection is made."""
+    import socket
+
+    def stub_resolver(answers):
+        def resolve(host, port, type=0):
+            return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                    for a in answers[host]]
+        return resolve
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError(f"a connection was attempted: {args}")
+
+    answers = {"metadata.example.com": ["169.254.169.254"], "intranet.example.com": ["10.0.0.7"],
+               "mixed.example.com": ["93.184.216.34", "192.168.1.2"], "v6.example.com": ["::1"],
+               "mapped.example.com": ["::ffff:127.0.0.1"]}
+    policy = ImagePolicy(allowed_hosts=None, allow_internal=False, resolve=stub_resolver(answers))
+    monkeypatch.setattr(httpx.Client, "send", no_connection)
+    for name in answers:
+        with pytest.raises(ImageError, match="internal address"):
+            load_image(f"http://{name}/x.png", "image 1", policy)
+    for literal in ("http://127.0.0.1:9/x.png", "http://[::1]/x.png", "http://169.254.169.254/latest/meta-data"):
+        with pytest.raises(ImageError, match="internal address"):
+            load_image(literal, "image 1", policy)
+    monkeypatch.undo()
+    host, _ = image_host
+    with live_server(pipe, image_hosts=("*",)) as (url, _):  # the server's own message names nothing
+        with pytest.raises(text_generation.errors.ValidationError) as refused:
+            text_generation.Client(url).generate(card_prompt(f"http://{host}/cat.png"), max_new_tokens=2)
+        assert str(refused.value).endswith(f"cannot fetch the image at http://{host}/cat.png")
 
 
 def test_api_key(pipe):

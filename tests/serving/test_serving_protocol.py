@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from idefics.serving.protocol import (ApiError, GenerationResult, Limits, TokenInfo, chat_chunk, chat_completion,
-                                      chat_items, decode_data_uri, image_source, openai_error, parse_chat_request,
-                                      parse_json_object, parse_tgi_request, split_markdown_images, sse, tgi_error,
-                                      tgi_response, tgi_stream_event)
+from idefics.serving.protocol import (ApiError, GenerationResult, Limits, StopTextFilter, TokenInfo, chat_chunk,
+                                      chat_completion, chat_items, decode_data_uri, image_source, openai_error,
+                                      parse_chat_request, parse_json_object, parse_tgi_request, split_markdown_images,
+                                      sse, tgi_error, tgi_response, tgi_stream_event, without_stop_text)
 from tests.helpers import VECTORS
 
 VECTORS = VECTORS
@@ -110,7 +110,10 @@ def test_tgi_defaults():
     ({"inputs": "x", "parameters": {"max_new_tokens": True}}, "`max_new_tokens` must be an integer"),
     ({"inputs": "x", "parameters": {"max_new_tokens": 0}}, "strictly positive"),
     ({"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, "`max_new_tokens` must be <="),
-    ({"inputs": "x", "parameters": {"temperature": 0}}, "`temperature` must be strictly positive"),
+    ({"inputs": "x", "parameters": {"temperature": 0}}, "`temperature` must be >= 0.001"),
+    ({"inputs": "x", "parameters": {"temperature": 1e-300}}, "`temperature` must be >= 0.001"),
+    ({"inputs": "x", "parameters": {"repetition_penalty": 1e-300}}, "`repetition_penalty` must be >= 0.01"),
+    ({"inputs": "x", "parameters": {"repetition_penalty": 1e300}}, "`repetition_penalty` must be >= 0.01"),
     ({"inputs": "x", "parameters": {"top_p": 1.0}}, "`top_p` must be > 0.0 and < 1.0"),
     ({"inputs": "x", "parameters": {"top_k": -1}}, "`top_k` must be strictly positive"),
     ({"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "up to 4 stop sequences"),
@@ -125,6 +128,34 @@ def test_tgi_validation_errors_name_the_problem(body, words):
         parse_tgi_request(body, LIMITS)
     assert error.value.status == 422 and error.value.error_type == "validation"
     assert error.value.message.startswith("Input validation error: ") and words in error.value.message
+
+
+def test_deep_nesting_is_refused_before_parsing_and_lone_surrogates_are_invalid():
+    with pytest.raises(ApiError) as error:
+        parse_json_object(b'{"inputs": "x", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    assert error.value.status == 400 and "nests 1001 levels" in error.value.message
+    # brackets inside strings (escaped quotes included) are text, not nesting
+    assert parse_json_object(b'{"inputs": "[[[[\\"{{{{", "p": [[1]]}')["p"] == [[1]]
+    with pytest.raises(ApiError) as error:
+        parse_json_object(b'{"inputs": "\\ud800 hi"}')
+    assert error.value.status == 422 and "lone surrogate" in error.value.message
+    assert parse_json_object(b'{"inputs": "\\ud83d\\ude00"}')["inputs"] == "\U0001F600"  # a proper pair
+
+
+def test_openai_answers_end_before_the_stop_sequence_even_when_streamed_in_pieces():
+    stops = ["\nUser:", "END"]
+    streamed = StopTextFilter(stops)
+    pieces = [streamed.push(p) for p in ["Hello", " wor", "ld\n", "Us", "er: more"]] + [streamed.flush()]
+    assert "".join(pieces) == "Hello world" and pieces[2] == "ld"  # "\n" held back until it proved a stop
+    assert without_stop_text("Hello\nBye", stops) == "Hello\nBye"  # a prefix that never completes is kept
+    assert without_stop_text("abc END def", stops) == "abc "
+
+
+def test_openai_error_types_follow_the_status():
+    assert openai_error(ApiError(424, "x", "generation"))["error"]["type"] == "server_error"
+    assert openai_error(ApiError(504, "x", "timeout"))["error"]["type"] == "server_error"
+    assert openai_error(ApiError(422, "x"))["error"]["type"] == "invalid_request_error"
+    assert openai_error(ApiError(429, "x", "overloaded"))["error"]["type"] == "rate_limit_error"
 
 
 def test_json_body_errors():
@@ -164,6 +195,7 @@ def test_chat_format_is_idefics_instruct():
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "`messages[0].content[0]`"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "image_url.url"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "`temperature`"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 1e-300}, "0 (greedy) or in [0.001, 2]"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "`max_tokens` must be strictly positive"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "`n` must be 1"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "`tools` is not supported"),
