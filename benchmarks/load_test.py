@@ -12,12 +12,18 @@ lost (no complete answer) and rejected (429) requests.
 
     # a random-weight checkpoint shaped like idefics-mini (SmolLM2-135M-sized decoder) to test with
     python benchmarks/load_test.py --make-random-model /tmp/mini-like --preset mini-like
+
+    # soak: 32 clients, then 64 clients retrying at once on 429 (no backoff), 2 minutes each, on a fixed set of
+    # greedy prompts whose answers are known from an idle server; reports goodput of both phases, wrong answers
+    # and the server's memory before and after
+    python benchmarks/load_test.py --model CHECKPOINT --soak 120
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import io
 import json
 import socket
@@ -43,6 +49,11 @@ class Outcome:
     tokens: int = 0
     status: str = "ok"  # ok | failed | lost | rejected
     error: str = ""
+    prompt: int = 0
+    text: str = ""
+
+
+SOAK_PROMPTS = 8  # distinct prompts in a soak run: every answer is checked against the idle server's
 
 
 def image_uri(seed: int) -> str:
@@ -52,53 +63,62 @@ def image_uri(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def one_request(url: str, i: int, max_new_tokens: int, api_key: str) -> Outcome:
-    """Request number i: the kind and the image alternate with i."""
+def one_request(url: str, i: int, max_new_tokens: int, api_key: str, prompts: int | None = None) -> Outcome:
+    """Request number i: the kind and the image alternate with i; with `prompts`, the question and image repeat
+    every `prompts` requests of a kind."""
     from openai import OpenAI, RateLimitError
     from text_generation import Client
     from text_generation.errors import OverloadedError
 
     kind = KINDS[i % len(KINDS)]
-    with_image = (i // len(KINDS)) % 2 == 0
-    question = f"Question {i}: what is in this picture? Describe it."
+    p = i // len(KINDS) % prompts if prompts else i
+    with_image = p % 2 == 0
+    question = f"Question {p}: what is in this picture? Describe it."
     start = time.perf_counter()
     try:
         if kind.startswith("tgi"):
             client = Client(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=600)
-            prompt = f"User:{'![](' + image_uri(i) + ')' if with_image else ' '}{question}<end_of_utterance>\nAssistant:"
+            prompt = f"User:{'![](' + image_uri(p) + ')' if with_image else ' '}{question}<end_of_utterance>\nAssistant:"
             if kind == "tgi":
                 response = client.generate(prompt, max_new_tokens=max_new_tokens)
                 tokens, complete = response.details.generated_tokens, response.details.finish_reason is not None
+                text = response.generated_text
             else:
                 events = list(client.generate_stream(prompt, max_new_tokens=max_new_tokens))
                 tokens = len(events)
                 complete = bool(events) and events[-1].details is not None
+                text = events[-1].generated_text if complete else ""
         else:
             client = OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600)
             content = [{"type": "text", "text": question}]
             if with_image:
-                content.insert(0, {"type": "image_url", "image_url": {"url": image_uri(i)}})
+                content.insert(0, {"type": "image_url", "image_url": {"url": image_uri(p)}})
             request = dict(model="idefics", messages=[{"role": "user", "content": content}],
                            max_tokens=max_new_tokens, temperature=0)
             if kind == "openai":
                 completion = client.chat.completions.create(**request)
                 tokens, complete = completion.usage.completion_tokens, completion.choices[0].finish_reason is not None
+                text = completion.choices[0].message.content
             else:
                 chunks = list(client.chat.completions.create(**request, stream=True,
                                                              stream_options={"include_usage": True}))
                 finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
                 tokens = chunks[-1].usage.completion_tokens if chunks and chunks[-1].usage else 0
                 complete = bool(finished)
-        return Outcome(kind, time.perf_counter() - start, tokens, "ok" if complete else "lost")
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return Outcome(kind, time.perf_counter() - start, tokens, "ok" if complete else "lost", prompt=p, text=text)
     except (OverloadedError, RateLimitError) as error:
-        return Outcome(kind, time.perf_counter() - start, status="rejected", error=str(error)[:200])
+        return Outcome(kind, time.perf_counter() - start, status="rejected", error=str(error)[:200], prompt=p)
     except Exception as error:  # anything else is a failed request, reported with its message
-        return Outcome(kind, time.perf_counter() - start, status="failed", error=f"{type(error).__name__}: {error}"[:200])
+        return Outcome(kind, time.perf_counter() - start, status="failed", prompt=p,
+                       error=f"{type(error).__name__}: {error}"[:200])
 
 
-def run_load(url: str, clients: int, requests: int, duration: float, max_new_tokens: int, api_key: str) -> dict:
+def run_load(url: str, clients: int, requests: int, duration: float, max_new_tokens: int, api_key: str,
+             expected: dict | None = None) -> dict:
     """`clients` threads take request numbers from a shared counter until `requests` are done or `duration`
-    seconds have passed (no new request starts after that)."""
+    seconds have passed (no new request starts after that); a rejected request is followed at once by the
+    next one (no backoff). With `expected` ({(kind, prompt): text}), prompts repeat and every answer is checked."""
     counter = iter(range(requests))
     lock = threading.Lock()
     outcomes: list[Outcome] = []
@@ -110,7 +130,7 @@ def run_load(url: str, clients: int, requests: int, duration: float, max_new_tok
                 i = next(counter, None)
             if i is None:
                 return
-            outcome = one_request(url, i, max_new_tokens, api_key)
+            outcome = one_request(url, i, max_new_tokens, api_key, SOAK_PROMPTS if expected else None)
             with lock:
                 outcomes.append(outcome)
 
@@ -128,7 +148,34 @@ def run_load(url: str, clients: int, requests: int, duration: float, max_new_tok
             "requests_per_s": round(len(ok) / elapsed, 3), "tokens_per_s": round(sum(o.tokens for o in ok) / elapsed, 1),
             "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
             "p99_latency_s": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
-            "errors": sorted({o.error for o in outcomes if o.error})[:5]}
+            "errors": sorted({o.error for o in outcomes if o.error})[:5],
+            **({"wrong": sum(o.text != expected[o.kind, o.prompt] for o in ok)} if expected else {})}
+
+
+def known_answers(url: str, max_new_tokens: int, api_key: str) -> dict:
+    """The answer to every soak prompt of every kind, one request at a time on an idle server."""
+    answers = {}
+    for i in range(len(KINDS) * SOAK_PROMPTS):
+        outcome = one_request(url, i, max_new_tokens, api_key, SOAK_PROMPTS)
+        if outcome.status != "ok":
+            raise RuntimeError(f"request {i} failed on the idle server: {outcome.error}")
+        answers[outcome.kind, outcome.prompt] = outcome.text
+    return answers
+
+
+def soak(server: "ServerProcess", seconds: float, max_new_tokens: int, api_key: str) -> dict:
+    """32 clients, then 64 without backoff, `seconds` each; goodput ratio, wrong answers, memory."""
+    expected = known_answers(server.url, max_new_tokens, api_key)
+    start_memory = server.resident_mb()
+    phases = {n: run_load(server.url, n, 10**9, seconds, max_new_tokens, api_key, expected) for n in (32, 64)}
+    time.sleep(10)  # let the last answers go and memory settle
+    end_memory = server.resident_mb()
+    return {"goodput_32": phases[32]["requests_per_s"], "goodput_64": phases[64]["requests_per_s"],
+            "goodput_ratio_64_to_32": round(phases[64]["requests_per_s"] / max(phases[32]["requests_per_s"], 1e-9), 3),
+            "wrong_answers": phases[32]["wrong"] + phases[64]["wrong"],
+            "rejected_64": phases[64]["rejected"], "failed": phases[32]["failed"] + phases[64]["failed"],
+            "memory_mb_before": start_memory, "memory_mb_after": end_memory,
+            "memory_change": round(end_memory / start_memory - 1, 3), "phases": phases}
 
 
 def free_port() -> int:
@@ -165,6 +212,10 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError("the server did not become healthy in 300 s")
             time.sleep(0.5)
+
+    def resident_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/statm") as f:
+            return round(int(f.read().split()[1]) * 4096 / 2**20, 1)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -223,10 +274,27 @@ def main() -> None:
                         "speed-up of continuous batching")
     parser.add_argument("--make-random-model", type=Path, help="write a random checkpoint here and exit")
     parser.add_argument("--preset", choices=("small", "mini-like"), default="mini-like")
+    parser.add_argument("--soak", type=float, metavar="SECONDS", help="soak test (with --model): 32 then 64 "
+                        "clients without backoff, SECONDS each")
     args = parser.parse_args()
 
     if args.make_random_model:
         return make_random_model(args.make_random_model, args.preset)
+    missing = [name for name in ("text_generation", "openai") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"the load test drives the real clients; install {' and '.join(missing)} "
+                     "(pip install -e '.[test]' and text-generation==0.7.0 --no-deps)")
+    if args.soak:
+        if not args.model:
+            parser.error("--soak starts its own server: give --model")
+        server = ServerProcess(args.model, args.max_batch_size, args.max_queue, args.threads, args.api_key, args.dtype)
+        try:
+            one_request(server.url, 10**6, 2, args.api_key)  # warm-up
+            report = soak(server, args.soak, args.max_new_tokens, args.api_key)
+        finally:
+            server.stop()
+        print(json.dumps(report, indent=2))
+        return
     if args.url:
         host = httpx.URL(args.url).host
         if host not in ("127.0.0.1", "localhost", "::1"):

@@ -3,6 +3,7 @@ full, client disconnects dropped at the next step, request timeouts, and the loa
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
@@ -206,3 +207,24 @@ def test_load_test_script_counts_successes_and_rejections(pipe):
         report = load_test.run_load(url, clients=6, requests=6, duration=120, max_new_tokens=6, api_key="k")
         assert report["failed"] == report["lost"] == 0 and report["ok"] + report["rejected"] == 6, report
         assert report["rejected"] >= 1 and report["ok"] >= 2
+
+
+def test_load_test_checks_answers_and_refuses_to_run_without_the_clients(pipe, monkeypatch):
+    load_test = load_test_module()
+    with live_server(pipe, api_key="k") as (url, _):
+        expected = load_test.known_answers(url, max_new_tokens=4, api_key="k")
+        assert len(expected) == len(load_test.KINDS) * load_test.SOAK_PROMPTS
+        report = load_test.run_load(url, clients=4, requests=12, duration=120, max_new_tokens=4, api_key="k",
+                                    expected=expected)
+        assert report["ok"] == 12 and report["wrong"] == 0, report  # the same answers under load
+        tampered = {key: text + "!" if key[1] == 0 else text for key, text in expected.items()}
+        report = load_test.run_load(url, clients=2, requests=8, duration=120, max_new_tokens=4, api_key="k",
+                                    expected=tampered)
+        assert report["wrong"] == 4, report  # requests 0..3 ask prompt 0 (one per kind), 4..7 prompt 1
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "text_generation" else real_find_spec(name, *a))
+    monkeypatch.setattr(sys, "argv", ["load_test.py", "--url", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit) as exit_:
+        load_test.main()
+    assert exit_.value.code == 2
