@@ -279,8 +279,10 @@ class Evaluator:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for query, record in zip(queries, records):
-                reference = query.label if spec.family == "classification" else list(query.references[:3])
-                f.write(json.dumps({**record, "reference": reference}, ensure_ascii=False) + "\n")
+                # every reference (and, for VQA, the annotators' answer records): the score can be recomputed
+                reference = query.label if spec.family == "classification" else list(query.references)
+                answers = {"answers": list(query.answer_records)} if query.answer_records else {}
+                f.write(json.dumps({**record, "reference": reference, **answers}, ensure_ascii=False) + "\n")
 
 
 class RunningScore:

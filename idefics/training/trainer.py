@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from . import distributed as dist_utils
 from .batches import BatchStream, SourceSpec
 from ..backbones.sources import LANGUAGE_PREFIXES, VISION_PREFIX, backbone_state_dict
 from .build import build_model, copy_tokenizer, freeze
-from .checkpoints import (ResumeError, export, frozen_fingerprint, list_checkpoints, load_checkpoint,
+from .checkpoints import (ResumeError, export, frozen_fingerprint, list_checkpoints, load_checkpoint, verify,
                           save_checkpoint)
 from .collate import Collator, SampleEncoder, with_blank_image
 from .config import RunConfig
@@ -122,6 +123,23 @@ def setup_model(config: RunConfig, tokenizer_dir: Path) -> tuple[torch.nn.Module
     return model, tokenizer, images
 
 
+def load_newest(checkpoints: list[Path]):
+    """`load_checkpoint` of the newest checkpoint; if it is damaged, the error names the newest intact one and
+    how to resume from it (a folder whose name has a dot is not a checkpoint)."""
+    try:
+        return load_checkpoint(checkpoints[-1])
+    except ResumeError as error:
+        for older in reversed(checkpoints[:-1]):
+            try:
+                verify(older)
+            except ResumeError:
+                continue
+            raise ResumeError(f"{error}\nThe previous checkpoint {older} is intact. To resume from it, set the "
+                              f"damaged one aside and run again with --resume:\n  mv {checkpoints[-1]} "
+                              f"{checkpoints[-1]}.damaged") from None
+        raise ResumeError(f"{error}\nNo earlier checkpoint is intact: start again without --resume.") from None
+
+
 @torch.no_grad()
 def gate_values(model: torch.nn.Module) -> dict[str, float]:
     """Mean |tanh(alpha)| of the cross-attention and dense gates: how much the new blocks contribute; with a word
@@ -197,7 +215,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     checkpoints = list_checkpoints(ckpt_root) if resume else []
     if checkpoints:
-        trainable_state, optim_state, state, rngs = load_checkpoint(checkpoints[-1])
+        trainable_state, optim_state, state, rngs = load_newest(checkpoints)
         if state["frozen_fingerprint"] != fingerprint:
             raise ResumeError(f"{checkpoints[-1]} was trained on other frozen weights (fingerprint "
                                   f"{state['frozen_fingerprint']} vs {fingerprint}): model config changed?")
@@ -331,10 +349,13 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         save(done)
     metrics.plot()
     exported = finish(config, loss_model, model, tokenizer_dir, images, info)
-    summary = {"steps": done, "loss": last_loss, "tokens": tokens_seen, "skipped": data.errors,
-               "export": str(exported) if exported else None, "rank": info.rank}
+    summary = {"steps": done, "loss": last_loss if math.isfinite(last_loss) else None, "tokens": tokens_seen,
+               "skipped": data.errors, "export": str(exported) if exported else None, "rank": info.rank}
+    summary_path = out_dir / "summary.json"
+    if done == start_step and summary_path.exists():  # a finished run resumed: nothing new to report
+        summary = {**json.loads(summary_path.read_text()), "export": summary["export"], "rank": info.rank}
     if info.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(summary, indent=1, allow_nan=False))
     dist_utils.teardown()
     return summary
 

@@ -22,6 +22,7 @@ from idefics.eval.metrics import yes_probability
 from idefics.eval.offline import MINI_TASKS, load_mini_split
 from idefics.eval.report import read_results_json
 from idefics.eval.runner import EvalConfig, EvalError, run_eval, template_for
+from idefics.eval.metrics import postprocess_vqa_generation, vqa_accuracy
 from idefics.eval.tasks import score_predictions
 
 
@@ -132,6 +133,11 @@ def test_mini_tasks_end_to_end(pipe, mini_data, tmp_path):
             # the score is the metric applied to the recorded raw outputs
             samples = [test[rec["id"]] for rec in records]
             assert r.score == score_predictions("vqav2", samples, [rec["output"] for rec in records])
+            # and the file alone is enough to recompute it: every answer is written
+            assert all(len(rec["reference"]) == len(test[rec["id"]].references) for rec in records)
+            from_file = vqa_accuracy([postprocess_vqa_generation(rec["output"]) for rec in records],
+                                     [rec.get("answers") or rec["reference"] for rec in records])
+            assert from_file == r.score
             # and a recorded output is what the pipeline generates for that prompt (3 beams, penalty 0)
             rec, query = records[0], samples[0]
             demos = [support[d] for d in rec["demos"]]

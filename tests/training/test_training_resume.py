@@ -3,6 +3,7 @@ are refused with an error naming the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,3 +60,24 @@ def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):
         train(cfg, resume=True)
     with pytest.raises(ResumeError, match="pass --resume"):
         train(cfg)
+
+
+def test_a_damaged_newest_checkpoint_names_the_intact_one_and_resuming_from_it_works(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "run", "train.steps=3", "train.save_every=1", "train.export=none",
+                      "train.keep_checkpoints=3")
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    newest = root / "step-000003"
+    (newest / "rng.pt").write_bytes(b"damaged")
+    with pytest.raises(ResumeError) as error:
+        train(cfg, resume=True)
+    message = str(error.value)
+    assert f"previous checkpoint {root / 'step-000002'} is intact" in message
+    assert f"mv {newest} {newest}.damaged" in message
+    newest.rename(newest.with_name(newest.name + ".damaged"))  # what the message says to do
+    summary = train(cfg, resume=True)
+    assert summary["steps"] == 3 and summary["loss"] is not None
+    # a finished run resumed again keeps its summary (valid JSON, no NaN)
+    again = train(cfg, resume=True)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["steps"] == saved["steps"] == 3 and saved["loss"] == summary["loss"]
