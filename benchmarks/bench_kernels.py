@@ -1,4 +1,4 @@
-"""The matmul kernels alone, at the model's layer shapes: this project's CPU kernel (`idefics/cpu_kernels.py`)
+"""The matmul kernels alone, at the model's layer shapes: this project's CPU kernel (`idefics/cpu/kernels.py`)
 against what it replaces, in one run, interleaved, medians, with the ratio.
 
     python benchmarks/bench_kernels.py              # 463M benchmark model's shapes, 1 thread
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
-from idefics import cpu_kernels  # noqa: E402
+from idefics.cpu import kernels  # noqa: E402
 
 SHAPES = {"463M": [(3072, 1024, "q/k/v"), (5632, 1024, "gate/up"), (1024, 2816, "down"), (1024, 1024, "o"),
                    (32000, 1024, "output")],
@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=256, help="MiB of weight copies per layer (defeats caches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    main_kernel = cpu_kernels.available()
-    if not main_kernel and not cpu_kernels.widening_available():
+    main_kernel = kernels.available()
+    if not main_kernel and not kernels.widening_available():
         raise SystemExit("this CPU has neither AVX-512 BF16 nor AVX2 + FMA (or the kernels are switched off): "
                          "nothing to compare")
     bandwidth = common.memory_bandwidth()
@@ -63,11 +63,11 @@ def main() -> None:
         ours, theirs = {}, {}
         for dtype in (torch.bfloat16, torch.float32):
             weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
-            ours[dtype] = [cpu_kernels.pack(w) for w in weights] if main_kernel else weights
+            ours[dtype] = [kernels.pack(w) for w in weights] if main_kernel else weights
             theirs[dtype] = (weights if dtype == torch.bfloat16 and not main_kernel
                              else [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights])
         q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
-        ours_q = [cpu_kernels.pack(w) for w in q] if main_kernel else q
+        ours_q = [kernels.pack(w) for w in q] if main_kernel else q
         scales = torch.rand(n) / 100
         for rows in (1, 8, 128):
             x = torch.randn(rows, k).bfloat16()
@@ -94,8 +94,8 @@ def ours_linear(x: torch.Tensor, weight: torch.Tensor, n: int, main_kernel: bool
                 scales: torch.Tensor | None = None) -> torch.Tensor:
     """The main kernel on its packed weight, or the AVX2 row kernel on the plain one."""
     if main_kernel:
-        return cpu_kernels.linear(x, weight, None, n, scales)
-    return cpu_kernels.widening_linear(x, weight, None, scales)
+        return kernels.linear(x, weight, None, n, scales)
+    return kernels.widening_linear(x, weight, None, scales)
 
 
 def their_linear(x: torch.Tensor, weight: torch.Tensor, main_kernel: bool) -> torch.Tensor:

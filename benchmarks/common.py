@@ -165,19 +165,19 @@ def memory_bandwidth(size_bytes: int = 2**30, repeats: int = 7, kernel: bool = F
     x = torch.ones(size_bytes // 4)
     best = size_bytes / median_seconds(x.sum, repeats)
     del x
-    from idefics import cpu_kernels
+    from idefics.cpu import kernels
 
-    if kernel and cpu_kernels.available():
+    if kernel and kernels.available():
         rows = size_bytes // (2 * 1024)
         # a matrix of ones packed is ones in the packed shape ([rows / 64, 1024 / 2, 64, 2]): built directly, no
         # 1 GiB float matrix and pack pass per probe (the kernel checks the shape)
         packed = torch.ones(rows // 64, 512, 64, 2, dtype=torch.bfloat16)
         v = torch.ones(1, 1024, dtype=torch.bfloat16)
-        best = max(best, size_bytes / median_seconds(lambda: cpu_kernels.linear(v, packed, None, rows), repeats))
-    elif kernel and cpu_kernels.widening_available():  # AVX2: the plain bf16 weight, two rows in flight per thread
+        best = max(best, size_bytes / median_seconds(lambda: kernels.linear(v, packed, None, rows), repeats))
+    elif kernel and kernels.widening_available():  # AVX2: the plain bf16 weight, two rows in flight per thread
         weight = torch.ones(size_bytes // (2 * 1024), 1024, dtype=torch.bfloat16)
         v = torch.ones(1, 1024, dtype=torch.bfloat16)
-        best = max(best, size_bytes / median_seconds(lambda: cpu_kernels.widening_linear(v, weight, None), repeats))
+        best = max(best, size_bytes / median_seconds(lambda: kernels.widening_linear(v, weight, None), repeats))
     return best
 
 
@@ -185,16 +185,16 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
     """FLOP/s of the fastest CPU matmul path for `dtype` (plain `F.linear`, oneDNN with a prepacked weight, this
     project's bf16 kernel, or bf16 widened to float32 where the CPU has no bf16 arithmetic) on a square product
     large enough to be compute-bound: the ceiling for prefill, which is almost all matmuls."""
-    from idefics import cpu_kernels, packing
+    from idefics.cpu import kernels, packing
 
     x, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     paths = [lambda: torch.nn.functional.linear(x, w)]
-    if torch.backends.mkldnn.is_available() and (dtype != torch.bfloat16 or cpu_kernels.onednn_has_bf16()):
+    if torch.backends.mkldnn.is_available() and (dtype != torch.bfloat16 or kernels.onednn_has_bf16()):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         paths.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-    if dtype == torch.bfloat16 and cpu_kernels.available():
-        panels = cpu_kernels.pack(w)
-        paths.append(lambda: cpu_kernels.linear(x, panels, None, size))
+    if dtype == torch.bfloat16 and kernels.available():
+        panels = kernels.pack(w)
+        paths.append(lambda: kernels.linear(x, panels, None, size))
     if dtype == torch.bfloat16 and packing.layout(dtype) == "widened":
         paths.append(lambda: packing.widened_linear(x, w, None))
     return max(2 * size ** 3 / median_seconds(path, repeats) for path in paths)

@@ -111,7 +111,7 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
                    allow_missing: tuple[str, ...] = (), quantize: str | None = None, pack: bool = False) -> None:
     """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. With `quantize`
     ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read;
-    with `pack` the other Linear weights become oneDNN-packed CPU layers (packing.PackedLinear)."""
+    with `pack` the other Linear weights become oneDNN-packed CPU layers (cpu.packing.PackedLinear)."""
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = {"lm_head.weight"} if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied and not k.startswith(allow_missing))
@@ -127,7 +127,7 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
         raise CheckpointError(f"checkpoint {source} does not match the model built from its config.json:\n"
                               + "\n".join(problems))
     if quantize is not None or pack:
-        from .quantize import weight_converters
+        from .cpu.quantize import weight_converters
 
         load_converting(model, tensors, expected, dtype, device, weight_converters(model, quantize, pack, dtype))
         return
@@ -142,10 +142,10 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
 def load_converting(model: nn.Module, tensors: dict, expected: dict, dtype: torch.dtype,
                     device: torch.device | str, converters: dict) -> None:
     """Load with some weights turned into other modules as they are read (`converters`: weight name →
-    (module name, build(weight) → module); quantized or packed layers, see quantize.py). Each float weight is
+    (module name, build(weight) → module); quantized or packed layers, see cpu/quantize.py). Each float weight is
     dropped right after conversion, so peak memory is the converted model plus one weight (their loaders come
     from `read_tensors`: no memory map keeps their pages resident)."""
-    from .quantize import replace_module
+    from .cpu.quantize import replace_module
 
     state = {}
     for name in list(tensors):
@@ -211,7 +211,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini).
     `quantize` ("int8" | "int4"): weight-only quantization of the decoder and cross-attention, applied while
     streaming the weights in; `pack`: Linear layers in oneDNN's prepacked layout for CPU inference (faster
-    matmuls, same state dict; see quantize.py). Off CPU or for other dtypes `pack` does nothing."""
+    matmuls, same state dict; see cpu/quantize.py). Off CPU or for other dtypes `pack` does nothing."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a checkpoint folder?)")
@@ -219,7 +219,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     target = resolve_dtype(dtype, DTYPES.get(config.torch_dtype or "", torch.float32))
     with torch.device("meta"):
         model = empty_model(config)
-    from .quantize import check_mode
+    from .cpu.quantize import check_mode
 
     quantize = check_mode(quantize)
     pack = pack and torch.device(device).type == "cpu" and target in (torch.float32, torch.bfloat16)
@@ -228,7 +228,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     if quantize is not None or pack:
         # Weights to convert are read with plain file reads (nothing of them stays mapped and resident once
         # converted); the rest stays memory-mapped, as in the plain path.
-        from .quantize import weight_converters
+        from .cpu.quantize import weight_converters
 
         targets = weight_converters(model, quantize, pack, target)
         tensors.update({name: (load, shape) for name, load, shape in read_tensors(files) if name in targets})

@@ -82,7 +82,7 @@ def count(module) -> int:
     """Parameters, each quantized layer counted by the weights it stands for (its int8/int4 values are buffers)."""
     if module is None:
         return 0
-    from .quantize import Int4Linear, Int8Linear
+    from .cpu.quantize import Int4Linear, Int8Linear
 
     quantized = sum(m.in_features * m.out_features for m in module.modules()
                     if isinstance(m, (Int8Linear, Int4Linear)))
@@ -143,9 +143,9 @@ def matmul_kernels(model) -> str:
     import torch
     from torch import nn
 
-    from . import cpu_kernels
-    from .packing import PackedLinear
-    from .quantize import Int4Linear, Int8Linear
+    from .cpu import kernels
+    from .cpu.packing import PackedLinear
+    from .cpu.quantize import Int4Linear, Int8Linear
 
     kinds: dict[str, int] = {}
     for module in model.modules():
@@ -155,7 +155,7 @@ def matmul_kernels(model) -> str:
                     if module.weight.dtype == torch.bfloat16 else "float32 on the AVX2 kernel")
         elif isinstance(module, Int8Linear):
             kind = ("idefics AVX-512 BF16 kernel" if module.packed else "int8 on the AVX2 kernel"
-                    if cpu_kernels.widening_available() else "torch int8")
+                    if kernels.widening_available() else "torch int8")
         elif isinstance(module, Int4Linear):
             kind = "torch int4"
         elif type(module) is nn.Linear:
@@ -164,10 +164,10 @@ def matmul_kernels(model) -> str:
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
     used = ", ".join(f"{name} x{count}" for name, count in kinds.items()) or "none"
-    if cpu_kernels.available():
-        tiles = ", bf16 on AMX tiles" if cpu_kernels.uses_amx() else ""
-        return f"{used} (compiled ops on {cpu_kernels.parallel_threads()} threads{tiles})"
-    if cpu_kernels.widening_available():
+    if kernels.available():
+        tiles = ", bf16 on AMX tiles" if kernels.uses_amx() else ""
+        return f"{used} (compiled ops on {kernels.parallel_threads()} threads{tiles})"
+    if kernels.widening_available():
         return used + " (no AVX-512 BF16: the AVX2 extension runs few-row products and the decoding steps)"
     return used + " (this project's kernel is not used here: no AVX-512 BF16, or off)"
 

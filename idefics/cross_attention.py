@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels
-from .layers import RMSNorm, SwiGLU, attention, attention_kernel_takes, fused_of, kernel_weights, step_plan
+from .cpu import ops
+from .layers import RMSNorm, SwiGLU, attention
 
 # The largest norm the word path adds. The decoder's residual stream grows with depth (idefics-mini's language
 # model: ~100 at layer 10, ~500 at layer 25); an embedding needs a norm of that order to move the next token.
@@ -93,10 +93,10 @@ class GatedCrossAttentionLayer(nn.Module):
         generation's `KVCache.step_plans` (the decoding step's checks are done once)."""
         if self.dense_needs_image and kv is None:
             return x
-        if x.shape[1] == 1 and not self.dense_needs_image and not hasattr(self, "alpha_word"):
-            step = self.compiled_step(x, kv, mask, gate, plans)
-            if step is not None:
-                return step
+        if x.shape[1] == 1:  # a decoding step: one C++ op where it applies
+            out = ops.gated_cross_attention_step(self, x, kv, mask, gate, plans)
+            if out is not None:
+                return out
         if kv is not None:
             attn, words = self.cross_attn(self.input_layernorm(x), kv, mask)
             unseen = (gate == 0)[:, :, None]
@@ -107,39 +107,6 @@ class GatedCrossAttentionLayer(nn.Module):
         if self.dense_needs_image:
             dense = dense.masked_fill((gate == 0)[:, :, None], 0.0)
         return x + torch.tanh(self.alpha_dense) * dense
-
-    def compiled_step(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
-                      gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor | None:
-        """One position per row as one C++ op (`cpu_kernels.gated_cross_attention_step`: the operations of
-        `forward` in the same order, so the same bits), where it applies: CPU inference with CPU-packed
-        projections (float or int8) and the single-query attention kernel. None otherwise."""
-        attn = self.cross_attn
-        plan = step_plan(plans, (self, kv is None), x, lambda: self._step_arguments(x, kv))
-        if plan is None or (kv is not None and not (gate is not None and attention_kernel_takes(attn.head_dim, mask))):
-            return None
-        head, tail = plan
-        k, v = kv if kv is not None else (None, None)
-        return cpu_kernels.gated_cross_attention_step(x, *head, k, v, mask, gate, *tail)
-
-    def _step_arguments(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
-        """`gated_cross_attention_step`'s arguments before the image keys and after the gate (alphas, int8 scales);
-        None: no C++ step."""
-        attn, mlp = self.cross_attn, self.mlp
-        gate_up = fused_of(mlp.gate_proj, mlp.up_proj)
-        q_norm = attn.q_layer_norm if attn.qk_norms else None
-        others = [self.alpha_cross_attn, self.alpha_dense] + ([q_norm.weight] if q_norm is not None else [])
-        if kv is not None:
-            others += kv
-        linears = (attn.q_proj, attn.o_proj, gate_up, mlp.down_proj)
-        packed = None if gate_up is None else kernel_weights(x, linears, self.input_layernorm,
-                                                             self.post_attention_layernorm, *others)
-        if packed is None or (kv is not None and attn.head_dim < 8):
-            return None
-        weights, scales = packed
-        head = (self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, *weights,
-                attn.heads, mlp.down_proj.in_features, None if q_norm is None else q_norm.weight,
-                0.0 if q_norm is None else q_norm.eps)
-        return head, (self.alpha_cross_attn, self.alpha_dense, scales)
 
 
 def init_alpha(shape: tuple[int, ...], how: str, std: float) -> torch.Tensor:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels
-from .layers import (KVCache, RMSNorm, SwiGLU, apply_rotary, attention, attention_kernel_takes, fused_of,
-                     fused_output, kernel_weights, step_plan)
+from .cpu import ops
+from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention
 
 
 class SelfAttention(nn.Module):
@@ -25,7 +24,7 @@ class SelfAttention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        qkv = fused_output(x, self.q_proj, self.k_proj, self.v_proj)
+        qkv = ops.fused_output(x, self.q_proj, self.k_proj, self.v_proj)
         flat = qkv.split([h * d, kv * d, kv * d], -1) if qkv is not None else \
             [p(x) for p in (self.q_proj, self.k_proj, self.v_proj)]
         fused = cache.rotate_and_update(layer, *flat, rope) if cache is not None else None
@@ -55,40 +54,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        if cache is not None and x.shape[1] == 1:
-            step = self.compiled_step(x, rope, mask, cache, layer)
-            if step is not None:
-                return step
+        if cache is not None and x.shape[1] == 1:  # a decoding step: one C++ op where it applies
+            out = ops.decoder_layer_step(self, x, rope, mask, cache, layer)
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def compiled_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                      cache: KVCache, layer: int) -> torch.Tensor | None:
-        """A decoding step of this layer as one C++ op (`cpu_kernels.decoder_layer_step`: the operations of
-        `forward` in the same order, so the same bits, without their Python overhead), where it applies: CPU
-        inference with fused, CPU-packed projections (`packing.pack_for_cpu`; int8: `quantize.fuse_int8`). None
-        otherwise."""
-        plan = step_plan(cache.step_plans, self, x, lambda: self._step_arguments(x, rope, cache))
-        if plan is None or not (attention_kernel_takes(self.self_attn.head_dim, mask)
-                                and cache.keys.is_contiguous() and cache.values.is_contiguous()):
-            return None
-        head, scales = plan
-        start, _ = cache.positions(1)
-        return cpu_kernels.decoder_layer_step(x, *head, *rope, cache.keys, cache.values, layer, start, mask, scales)
-
-    def _step_arguments(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache):
-        """`decoder_layer_step`'s arguments before the rotary tables, and the int8 scales; None: no C++ step."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
-        if qkv is None or gate_up is None:
-            return None
-        norm, post_norm = self.input_layernorm, self.post_attention_layernorm
-        packed = kernel_weights(x, (qkv, attn.o_proj, gate_up, mlp.down_proj), norm, post_norm, *rope, cache.keys)
-        if packed is None:
-            return None
-        weights, scales = packed
-        return (norm.weight, post_norm.weight, norm.eps, *weights, attn.heads, attn.kv_heads,
-                mlp.down_proj.in_features), scales
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int, sliding_window: int | None = None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from .cpu import ops
 
 
 class RMSNorm(nn.Module):
@@ -22,36 +22,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if x.shape[-1] >= 8 and cpu_kernels.applies(x, weight):  # the same bits in one op instead of ~10
-            return cpu_kernels.rms_norm(x, weight, self.eps)
+        out = ops.rms_norm(x, weight, self.eps)
+        if out is not None:
+            return out
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(weight.dtype)
         return weight * x
-
-
-def fused_of(*linears: nn.Module) -> nn.Module | None:
-    """The fused layer (`packing.FusedLinear`, made for CPU inference) whose parts are `linears`, in order; None
-    when they are not."""
-    fused = getattr(linears[0], "fused", None)
-    if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
-            and [m.start for m in linears] == fused.starts:
-        return fused
-    return None
-
-
-def fused_output(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
-    """The outputs of `linears` side by side from one matmul when they are the parts of one fused layer."""
-    fused = fused_of(*linears)
-    return None if fused is None else fused(x)
-
-
-def run_together(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The outputs of `linears` on the same input: one matmul when they are one fused layer, else one call each."""
-    out = fused_output(x, *linears)
-    if out is not None:
-        return out.split([m.out_features for m in linears], dim=-1)
-    return tuple(linear(x) for linear in linears)
 
 
 class SwiGLU(nn.Module):
@@ -62,7 +39,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = run_together(x, self.gate_proj, self.up_proj)
+        gate, up = ops.run_together(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -96,13 +73,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
     """`scaled_dot_product_attention`, except for single-query (decoding) steps on CPU: those read k/v as they lie
-    (a strided view of the KV cache) in this project's float32 kernel (`cpu_kernels.decode_attention`), or, where
+    (a strided view of the KV cache) in this project's float32 kernel (`ops.decode_attention`), or, where
     it does not apply, run SDPA in float32 for bf16/fp16 (its fused CPU kernel is 3-5x slower for one query in
     reduced precision; float32 is at least as accurate: the kernel accumulates in float32 too). The result is in
     the input dtype."""
     if q.shape[-2] == 1 and q.device.type == "cpu":
-        if attention_kernel_applies(q, k, v, mask):
-            return cpu_kernels.decode_attention(q, k, v, mask)
+        out = ops.decode_attention(q, k, v, mask)
+        if out is not None:
+            return out
         if q.dtype in (torch.bfloat16, torch.float16):
             if mask is not None and mask.is_floating_point():
                 mask = mask.float()
@@ -110,53 +88,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                                  enable_gqa=enable_gqa)
             return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
-
-
-def attention_kernel_takes(head_dim: int, mask: torch.Tensor | None) -> bool:
-    """The shapes `cpu_kernels.decode_attention` handles: head_dim a multiple of 16, a mask shared by the heads."""
-    return head_dim % 16 == 0 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
-
-
-def attention_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """`cpu_kernels.decode_attention` takes these (one query, one dtype, `attention_kernel_takes`) and can run
-    here."""
-    return (attention_kernel_takes(q.shape[-1], mask) and v.shape[-1] == q.shape[-1] and q.dtype == k.dtype == v.dtype
-            and cpu_kernels.applies(q, k, v))
-
-
-def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: RMSNorm, post_norm: RMSNorm,
-                   *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]] | None:
-    """The weights and int8 scales of a layer's `linears` as its C++ decoding step takes them
-    (`cpu_kernels.decoder_layer_step`, `gated_cross_attention_step`), or None when the step does not apply: the
-    linears all in x's dtype without bias (`packing`), or all int8 (`quantize.Int8Linear`, `FusedInt8Linear`) with x
-    in bf16, each stored as the step's products take it (`cpu_kernels.takes_step_weight`); the two norms (one eps,
-    at least 8 features) and `others` in x's dtype; the kernels available for all of it."""
-    weights = [getattr(m, "weight", None) for m in linears]
-    scales = tuple(getattr(m, "scales", None) for m in linears)
-    int8 = scales[0] is not None
-    weight_dtype = torch.int8 if int8 else x.dtype
-    tensors = (input_norm.weight, post_norm.weight, *others)
-    if (all(w is not None and w.dtype == weight_dtype and cpu_kernels.takes_step_weight(w) for w in weights)
-            and all(getattr(m, "bias", None) is None and (s is not None) == int8 for m, s in zip(linears, scales))
-            and (not int8 or x.dtype == torch.bfloat16)
-            and input_norm.eps == post_norm.eps and x.shape[-1] >= 8 and all(t.dtype == x.dtype for t in tensors)
-            and cpu_kernels.applies(x, *tensors, *(w for w in weights if w.is_floating_point()))):
-        return weights, scales
-    return None
-
-
-def step_plan(plans: dict | None, layer: nn.Module, x: torch.Tensor, make):
-    """`make()` (a layer's static C++-step arguments, or None where the step does not apply), found once per
-    layer in `plans` (a generation's `KVCache.step_plans`) and reused for its other steps: weights and dtypes do
-    not change while a generation runs, and the checks cost ~25 us of Python per layer and step (~4% of a
-    463M bf16 step). Without `plans` (a single-position call outside generation), or with gradients on (whether
-    the step applies then depends on each call's tensors), `make()` runs every time."""
-    if plans is None or torch.is_grad_enabled():
-        return make()
-    key = (layer, x.dtype)
-    if key not in plans:
-        plans[key] = make()
-    return plans[key]
 
 
 class KVCache:
@@ -172,7 +103,7 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
         self.max_len = max_len
-        # The layers' C++ decoding-step arguments that do not change from step to step (`step_plan`).
+        # The layers' C++ decoding-step arguments that do not change from step to step (`cpu.steps.step_plan`).
         self.step_plans: dict = {}
 
     def positions(self, n: int) -> tuple[int, int]:
@@ -196,14 +127,10 @@ class KVCache:
                           rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
         """q, k, v [B, T, heads * head_dim] → rotated q [B, heads, T, head_dim] and this layer's keys/values up to
         the new positions, with k rotated and stored, as `apply_rotary` then `update` give them; one CPU op
-        (`cpu_kernels.rotary_into_cache`). None where that op does not apply: use those two instead."""
-        if not (cpu_kernels.applies(q, k, v, *rope, self.keys) and q.dtype == k.dtype == v.dtype == rope[0].dtype
-                == self.keys.dtype and self.keys.is_contiguous() and self.values.is_contiguous()
-                and q.shape[1] > 0):
-            return None
+        (`ops.rotary_into_cache`). None where that op does not apply: use those two instead."""
         start, end = self.positions(q.shape[1])
-        q = cpu_kernels.rotary_into_cache(q, k, v, *rope, self.keys, self.values, layer, start)
-        return q, *self.layer(layer, end)
+        q = ops.rotary_into_cache(q, k, v, rope, self.keys, self.values, layer, start)
+        return None if q is None else (q, *self.layer(layer, end))
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .packing import matmul
+from .cpu import ops
 
 
 class PerceiverAttention(nn.Module):
@@ -38,9 +38,9 @@ class PerceiverAttention(nn.Module):
         v = self.v_proj(both).view(n, -1, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
             q, k = self.q_layer_norm(q), self.k_layer_norm(k)
-        scores = matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))
+        scores = ops.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))
         attn = (scores - scores.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
-        return self.output_proj(matmul(attn, v).transpose(1, 2).flatten(-2))
+        return self.output_proj(ops.matmul(attn, v).transpose(1, 2).flatten(-2))
 
 
 class PerceiverMLP(nn.Module):

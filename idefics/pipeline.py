@@ -153,7 +153,7 @@ class Pipeline:
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
          image_policy: ImagePolicy | None = None, quantize: str | None = None) -> Pipeline:
     """Load a checkpoint folder (Hugging Face format). With no path: the embedded default model.
-    `quantize`: "int8" or "int4" weight-only quantization of the decoder and cross-attention (quantize.py)."""
+    `quantize`: "int8" or "int4" weight-only quantization of the decoder and cross-attention (cpu/quantize.py)."""
     if path is None:
         from .mini import default_model_path
 
@@ -163,7 +163,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     from .mini import backbone_tensors  # idefics-mini keeps its frozen backbones outside the folder
 
     extra = backbone_tensors(path)
-    # pack: on CPU, Linear weights in the oneDNN layout for inference (faster matmuls; quantize.py)
+    # pack: on CPU, Linear weights in the oneDNN layout for inference (faster matmuls; cpu/quantize.py)
     model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize, pack=True)
     tokenizer = Tokenizer.from_folder(path)
     if model.config.model_type == "idefics2":

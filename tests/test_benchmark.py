@@ -107,9 +107,9 @@ def test_family_context_counts_every_prompt_position():
 
 
 def test_kernel_benchmark_prints_a_row_per_kind_and_size(monkeypatch, capsys):
-    from idefics import cpu_kernels
+    from idefics.cpu import kernels
 
-    if not cpu_kernels.available() and not cpu_kernels.widening_available():
+    if not kernels.available() and not kernels.widening_available():
         pytest.skip("no CPU kernel is used on this machine")
     import bench_kernels
 

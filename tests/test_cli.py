@@ -30,11 +30,11 @@ def test_info_and_errors(reference_checkpoint, tmp_path):
     info = run("info", "--model", str(folder))
     assert info.returncode == 0 and "cross-attention: 2 blocks, before every 4 layer(s)" in info.stdout
     assert "<image>=501" in info.stdout
-    from idefics import cpu_kernels  # every linear layer of the loaded (packed) model on one named kernel
-    kernel = ("idefics AVX-512 BF16 kernel" if cpu_kernels.available() else "float32 on the AVX2 kernel"
-              if cpu_kernels.widening_available() else "oneDNN (prepacked)")
+    from idefics.cpu import kernels  # every linear layer of the loaded (packed) model on one named kernel
+    kernel = ("idefics AVX-512 BF16 kernel" if kernels.available() else "float32 on the AVX2 kernel"
+              if kernels.widening_available() else "oneDNN (prepacked)")
     assert f"matmul kernels: {kernel} x" in info.stdout
-    assert not cpu_kernels.available() or re.search(r"compiled ops on [1-9]\d* threads", info.stdout)
+    assert not kernels.available() or re.search(r"compiled ops on [1-9]\d* threads", info.stdout)
     quantized = run("info", "--model", str(folder), "--quantize", "int8")  # int8 weights count as weights
     assert quantized.returncode == 0, quantized.stderr
     assert parameter_lines(quantized.stdout) == parameter_lines(info.stdout)

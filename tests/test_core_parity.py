@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import idefics
-from idefics import packing
+from idefics.cpu import packing
 from tests.helpers import png_bytes, random_image
 from tests.reference_checkpoints import CONFIGS, reference_processor
 

@@ -11,7 +11,8 @@
   attention of one query over the KV cache as it lies (`csrc/attention.cpp`, float32 arithmetic); and the decoding
   steps of a LLaMA decoder layer and of a gated cross-attention layer (`csrc/decoder_layer.cpp`, the Python
   layers' operations from C++, same bits).
-  `applies()` says when the layers may use them (CPU, float32/bf16, no gradients).
+  `applies()` says when they may stand in for the eager code (CPU, float32/bf16, no gradients); the model layers
+  reach them through `ops.py` only.
 
 It is compiled on first use with the C++ compiler torch's extension builder finds (~30 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions; `scripts/setup.sh` builds it ahead). Where the CPU
@@ -243,6 +244,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     k/v [B, G, L, d] (G divides H: grouped-query attention), mask [B or 1, 1, 1, L] boolean (true = visible) or
     additive, or None. Float32 arithmetic, equal to float32 `scaled_dot_product_attention` up to rounding."""
     return _op("decode_attention")(q, k, v, mask)
+
+
+def decode_attention_takes(head_dim: int, mask: torch.Tensor | None) -> bool:
+    """The shapes `decode_attention` (and the decoding steps' attention) handles: head_dim a multiple of 16, a mask
+    shared by the heads."""
+    return head_dim % 16 == 0 and (mask is None or (mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
 
 
 def decoder_layer_step(x: torch.Tensor, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,

@@ -1,5 +1,5 @@
 """CPU inference layouts: linear weights reordered once for a fast kernel (`PackedLinear`: this project's
-kernel where the CPU has AVX-512 BF16, `cpu_kernels.py`, else oneDNN's blocked format), and sibling projections
+kernel where the CPU has AVX-512 BF16, `kernels.py`, else oneDNN's blocked format), and sibling projections
 that read the same input fused into one matmul (`FusedLinear`). Both keep the model's state dict unchanged, so a
 packed model saves and loads like a plain one. `checkpoint.load_model(..., pack=True)` builds them while the
 weights stream in (`quantize.weight_converters`); `pack_for_cpu` converts a loaded model."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import kernels
 
 
 def layout(dtype: torch.dtype) -> str | None:
@@ -20,12 +20,12 @@ def layout(dtype: torch.dtype) -> str | None:
     the AVX2 extension: the plain weight, its row kernel for decoding, ATen's float32 GEMM for prompts), or None."""
     if dtype not in (torch.float32, torch.bfloat16):
         return None
-    if cpu_kernels.available():
+    if kernels.available():
         return "kernel"
     onednn = torch.backends.mkldnn.is_available()
     if dtype == torch.float32:
-        return "plain" if cpu_kernels.widening_available() else "onednn" if onednn else None
-    return "onednn" if onednn and cpu_kernels.onednn_has_bf16() else "widened"
+        return "plain" if kernels.widening_available() else "onednn" if onednn else None
+    return "onednn" if onednn and kernels.onednn_has_bf16() else "widened"
 
 
 def packable(dtype: torch.dtype) -> bool:
@@ -62,7 +62,7 @@ WIDENED_FEW_ROWS = 16
 class PackedLinear(nn.Module):
     """A float Linear whose weight is reordered once for a fast CPU kernel, for inference.
 
-    Where the CPU has AVX-512 BF16, this project's kernel (`cpu_kernels`): decoding reads bf16 weights up to ~20%
+    Where the CPU has AVX-512 BF16, this project's kernel (`kernels`): decoding reads bf16 weights up to ~20%
     and float32 weights ~40% faster than oneDNN, prefill runs about as fast; bf16 results equal oneDNN's bit for
     bit, float32 ones differ by rounding only. On CPUs without bf16 arithmetic in either (AVX2 only), bf16 weights
     stay plain and are computed in float32 ("widened": `layout`), within a rounding of ATen's bf16 results.
@@ -85,7 +85,7 @@ class PackedLinear(nn.Module):
         if kind is None:
             raise ValueError(f"cannot pack a {weight.dtype} weight on this CPU (see packing.layout); keep the nn.Linear")
         if kind == "kernel":
-            return cpu_kernels.pack(weight)
+            return kernels.pack(weight)
         if kind in ("widened", "plain"):
             return weight.contiguous()
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
@@ -96,7 +96,7 @@ class PackedLinear(nn.Module):
             return self.weight.to_dense()
         if self.weight.dim() == 2:  # widened or plain
             return self.weight
-        return cpu_kernels.unpack(self.weight, self.out_features, self.in_features)
+        return kernels.unpack(self.weight, self.out_features, self.in_features)
 
     @staticmethod
     def supports(linear: nn.Module) -> bool:
@@ -112,7 +112,7 @@ class PackedLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         if weight.dim() == 2:
             return widened_linear(x, weight, bias)
-        return cpu_kernels.linear(x, weight, bias, self.out_features)
+        return kernels.linear(x, weight, bias, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         destination[prefix + "weight"] = self.dense_weight()
@@ -146,8 +146,8 @@ class PackedLinear(nn.Module):
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) for a plain bf16 weight in float32 arithmetic, rounded once to bf16 (the "widened" layout), or
     for a plain float32 one ("plain": only where the AVX2 extension is)."""
-    if cpu_kernels.widening_available():  # as below, few rows on its own row kernel (csrc/avx2.cpp)
-        return cpu_kernels.widening_linear(x, weight, bias)
+    if kernels.widening_available():  # as below, few rows on its own row kernel (csrc/avx2.cpp)
+        return kernels.widening_linear(x, weight, bias)
     if x.numel() <= WIDENED_FEW_ROWS * weight.shape[1]:
         return F.linear(x, weight, bias)  # ATen's bf16 matrix-vector path: float32 sums as well
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -242,14 +242,24 @@ class FusedPart(nn.Module):
         return f"rows {self.start}:{self.start + self.out_features} of the fused layer"
 
 
+def fused_of(*linears: nn.Module) -> nn.Module | None:
+    """The fused layer (`FusedLinear`, `quantize.FusedInt8Linear`) whose parts are `linears`, in order; None when
+    they are not."""
+    fused = getattr(linears[0], "fused", None)
+    if fused is not None and all(getattr(m, "fused", None) is fused for m in linears) \
+            and [m.start for m in linears] == fused.starts:
+        return fused
+    return None
+
+
 # Sibling linears that read the same input, by the attribute names the decoder blocks use.
 FUSABLE = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("gate_proj", "up_proj", "gate_up_proj"))
 
 
 def fusable_groups(model: nn.Module):
     """(qualified name, module, part names, fused name) of every self-attention and SwiGLU block."""
-    from .language_model import SelfAttention
-    from .layers import SwiGLU
+    from ..language_model import SelfAttention
+    from ..layers import SwiGLU
 
     for name, module in model.named_modules():
         if isinstance(module, (SelfAttention, SwiGLU)):
@@ -319,7 +329,7 @@ def packed_output(model: nn.Module):
     """weight → packed output layer for `model.lm_head`, or None: IDEFICS' `DecoupledLinear` becomes a
     `PackedOutput`, a plain bias-free Linear (Idefics2's) a `PackedLinear`; one tied to the embedding stays as it is
     (packing would store the weight twice)."""
-    from .layers import DecoupledLinear
+    from ..layers import DecoupledLinear
 
     head = getattr(model, "lm_head", None)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):

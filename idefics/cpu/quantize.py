@@ -5,7 +5,7 @@ proportionally faster steps (and IDEFICS-9B fits in 12 GB). Activations stay in 
 weights are stored in integers and expanded inside the matmul kernel.
 
 * `int8`: per-output-channel symmetric scales (w ≈ q * scale, q in [-127, 127]); matmul by this project's CPU
-  kernel where the CPU has AVX-512 BF16 (`cpu_kernels`), else `torch._weight_int8pack_mm`; both dequantize in
+  kernel where the CPU has AVX-512 BF16 (`kernels`), else `torch._weight_int8pack_mm`; both dequantize in
   registers.
 * `int4`: groups of 128 input channels, asymmetric (w ≈ q * scale + min, q in [0, 15]), packed two per byte
   for `torch._weight_int4pack_mm_for_cpu`. Coarser: check the quality numbers the benchmark prints.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import kernels
 from .packing import (FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused,
                       pack_converters, unfuse)
 
@@ -48,10 +48,10 @@ def kernel_dtype(x: torch.Tensor) -> torch.dtype:
 class Int8Linear(nn.Module):
     """y = x @ (q * scales[:, None]).T with q int8 [out, in] and float32 per-row `scales` [out].
 
-    On CPUs with this project's kernel (`cpu_kernels`), q is stored in the kernel's panel layout and the matmul
+    On CPUs with this project's kernel (`kernels`), q is stored in the kernel's panel layout and the matmul
     runs there: decoding reads the int8 weights ~1.8x faster than `torch._weight_int8pack_mm` and prefill is
     ~3x faster (bf16 activations, float32 sums and scales). On AVX2 CPUs q stays plain and the AVX2 extension
-    runs it (`cpu_kernels.widening_linear`: few rows ~2x torch's kernel, many rows float32 GEMM on q widened block
+    runs it (`kernels.widening_linear`: few rows ~2x torch's kernel, many rows float32 GEMM on q widened block
     by block, ~2x too). The state dict always holds the plain [out, in] q."""
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
@@ -74,7 +74,7 @@ class Int8Linear(nn.Module):
     @staticmethod
     def layout(q: torch.Tensor) -> torch.Tensor:
         """q as this module stores it: the kernel's panels on a CPU that has the kernel, else as is."""
-        return cpu_kernels.pack(q) if q.device.type == "cpu" and cpu_kernels.available() else q
+        return kernels.pack(q) if q.device.type == "cpu" and kernels.available() else q
 
     @property
     def packed(self) -> bool:
@@ -82,7 +82,7 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """q as [out, in]."""
-        return cpu_kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+        return kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
 
     def dequantized(self) -> torch.Tensor:
         return self.int8_weight().float() * self.scales[:, None]
@@ -91,9 +91,9 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(-1, shape[-1]).to(kernel_dtype(x))
         if self.packed:
-            out = cpu_kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
-        elif flat.device.type == "cpu" and cpu_kernels.widening_available():  # AVX2: ~2x the kernel below
-            out = cpu_kernels.widening_linear(flat, self.weight, None, self.scales)
+            out = kernels.linear(flat.to(torch.bfloat16), self.weight, None, self.out_features, self.scales)
+        elif flat.device.type == "cpu" and kernels.widening_available():  # AVX2: ~2x the kernel below
+            out = kernels.widening_linear(flat, self.weight, None, self.scales)
         elif flat.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
         else:  # other devices: dequantize on the fly
@@ -137,7 +137,7 @@ def quantize_rows(weight: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor,
 class FusedInt8Linear(FusedRows, Int8Linear):
     """Sibling int8 layers that read the same input (q/k/v, gate/up) as one, like `packing.FusedLinear`: their
     rows stacked (each output row is computed as before, so results are unchanged), one kernel call per step,
-    and the decoder layer's C++ step (`DecoderLayer.compiled_step`) applies. Built from (q, scales) per part;
+    and the decoder layer's C++ step (`steps.decoder_layer_step`) applies. Built from (q, scales) per part;
     the parts (`packing.FusedPart`) own the state-dict keys (`weight`, `scales`)."""
 
     part_keys = ("weight", "scales")
@@ -163,9 +163,9 @@ class FusedInt8Linear(FusedRows, Int8Linear):
 
 
 def fuses_int8() -> bool:
-    """int8 siblings are fused here: a compiled decoding step takes their fused weight (`cpu_kernels`: the main
+    """int8 siblings are fused here: a compiled decoding step takes their fused weight (`kernels`: the main
     kernel's panels, or the plain rows on the AVX2 extension)."""
-    return cpu_kernels.available() or cpu_kernels.widening_available()
+    return kernels.available() or kernels.widening_available()
 
 
 def fuse_int8(model: nn.Module) -> nn.Module:

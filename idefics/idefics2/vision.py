@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import conv2d
+from ..cpu import ops
 from ..vision import VisionAttention, VisionMLP
 from .config import Idefics2VisionConfig
 
@@ -58,7 +58,7 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.patches_per_side ** 2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        patches = conv2d(self.patch_embedding, pixel_values).flatten(2).transpose(1, 2)  # [N, rows * cols, dim]
+        patches = ops.conv2d(self.patch_embedding, pixel_values).flatten(2).transpose(1, 2)  # [N, rows * cols, dim]
         return patches + self.position_embedding(navit_position_ids(patch_mask, self.patches_per_side))
 
 

@@ -1,4 +1,4 @@
-"""The single-query attention kernel (idefics/csrc/attention.cpp) against float32
+"""The single-query attention kernel (idefics/cpu/csrc/attention.cpp) against float32
 `scaled_dot_product_attention` on the same inputs: float32 outputs equal to float32 rounding, bf16 outputs within
 one bf16 rounding step; with masks (boolean, additive), grouped-query heads and strided views of the
 position-major KV cache. Decoding uses it; the logits of a decoding step stay those of the SDPA path."""
@@ -11,12 +11,10 @@ import torch.nn.functional as F
 from tests.helpers import decode_with_logits
 
 import idefics
-from idefics import cpu_kernels, layers
-from idefics.cross_attention import GatedCrossAttentionLayer
-from idefics.language_model import DecoderLayer
+from idefics.cpu import kernels, ops
 from idefics.layers import KVCache, attention
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+pytestmark = pytest.mark.skipif(not kernels.fused_ops_available(),
                                 reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
@@ -47,7 +45,7 @@ def test_matches_float32_sdpa(dtype, b, h, kv, length, d, mask_kind):
     visible[..., -1] = True  # a query always sees itself
     mask = {"none": None, "bool": visible, "broadcast": visible[:1],
             "additive": torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)}[mask_kind]
-    out, want = cpu_kernels.decode_attention(q, k, v, mask), sdpa32(q, k, v, mask)
+    out, want = kernels.decode_attention(q, k, v, mask), sdpa32(q, k, v, mask)
     assert out.shape == (b, h, 1, d) and out.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=4e-6)  # ~30 float32 ulps of |v| ~ 1
@@ -67,7 +65,7 @@ def test_same_bits_on_any_number_of_threads(b, h, kv):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(cpu_kernels.decode_attention(q, k, v, visible))
+            outs.append(kernels.decode_attention(q, k, v, visible))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
@@ -76,8 +74,8 @@ def test_same_bits_on_any_number_of_threads(b, h, kv):
 
 def test_attention_uses_the_kernel_for_single_queries_only(monkeypatch):
     calls = []
-    real = cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
     gen = torch.Generator().manual_seed(0)
     k, v = cache_views(1, 4, 20, 32, torch.bfloat16, gen)
     with torch.inference_mode():
@@ -95,15 +93,15 @@ def test_decoding_steps_match_the_sdpa_path(reference_checkpoint, images, dtype,
     pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype)
     inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
     calls = []
-    real = cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
     # the layers' Python code (the C++ steps call the kernel from C++; tests/cpu/test_decoder_layer.py pins them to it)
-    monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
-    monkeypatch.setattr(GatedCrossAttentionLayer, "compiled_step", lambda *a: None)
+    monkeypatch.setattr(ops, "decoder_layer_step", lambda *a: None)
+    monkeypatch.setattr(ops, "gated_cross_attention_step", lambda *a: None)
     tokens, logits = decode_with_logits(pipe.model, inputs, 6)
     layer_count = pipe.model.config.num_hidden_layers + len(pipe.model.model.gated_cross_attn_layers)
     assert len(calls) == 5 * layer_count  # self- and cross-attention of every step
-    monkeypatch.setattr(layers, "attention_kernel_applies", lambda *a: False)
+    monkeypatch.setattr(ops, "decode_attention", lambda *a: None)
     plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
     assert len(calls) == 5 * layer_count  # none more
     assert torch.equal(tokens, plain_tokens)
@@ -115,8 +113,8 @@ def test_bad_inputs_name_the_problem():
     q = torch.randn(1, 4, 1, 32)
     k = torch.randn(1, 4, 10, 32)
     with pytest.raises(RuntimeError, match="mask must be \\[B or 1, 1, 1, 10\\]"):
-        cpu_kernels.decode_attention(q, k, k, torch.ones(1, 1, 1, 9, dtype=torch.bool))
+        kernels.decode_attention(q, k, k, torch.ones(1, 1, 1, 9, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="q, k, v must be Float"):
-        cpu_kernels.decode_attention(q, k.bfloat16(), k, None)
+        kernels.decode_attention(q, k.bfloat16(), k, None)
     with pytest.raises(RuntimeError, match="d a multiple of 16"):
-        cpu_kernels.decode_attention(torch.randn(1, 4, 1, 8), torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8), None)
+        kernels.decode_attention(torch.randn(1, 4, 1, 8), torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8), None)

@@ -1,4 +1,4 @@
-"""The hand-written CPU matmul (idefics/csrc/matmul.cpp) against two independent expectations: float32
+"""The hand-written CPU matmul (idefics/cpu/csrc/matmul.cpp) against two independent expectations: float32
 arithmetic on the same bf16 inputs (every output within one bf16 rounding step of it, at shapes that exercise
 each path: one row and many, partial panels of outputs, odd and chunked input widths, bias), and `F.linear`, the
 reference's bf16 matmul (oneDNN), bit for bit. A packed bf16 layer uses it, keeps its state dict, and falls back
@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics import cpu_kernels
-from idefics.packing import PackedLinear
+from idefics.cpu import kernels
+from idefics.cpu.packing import PackedLinear
 from tests.rounding import bf16_spacing, within_one_rounding
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported() or cpu_kernels.disabled(),
+pytestmark = pytest.mark.skipif(not kernels.cpu_supported() or kernels.disabled(),
                                 reason="CPU without AVX-512 BF16, or IDEFICS_CPU_KERNELS=0")
 
 
 def test_kernel_builds_here():
-    assert cpu_kernels.available()
+    assert kernels.available()
 
 
 def test_ops_run_on_torchs_threads():
@@ -32,7 +32,7 @@ def test_ops_run_on_torchs_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert cpu_kernels.parallel_threads() == threads
+            assert kernels.parallel_threads() == threads
     finally:
         torch.set_num_threads(before)
 
@@ -49,7 +49,7 @@ def test_linear_within_one_rounding_of_float32_arithmetic(m, n, k, bias):
     x = torch.randn(m, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
     exact = F.linear(x.float(), w.float(), None if b is None else b.float())
-    got = cpu_kernels.linear(x, cpu_kernels.pack(w), b, n)
+    got = kernels.linear(x, kernels.pack(w), b, n)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     # one rounding to bf16 plus float32 summation error (it matters where terms cancel, as AMX's tile order
     # shows: oneDNN errs the same)
@@ -58,15 +58,15 @@ def test_linear_within_one_rounding_of_float32_arithmetic(m, n, k, bias):
 
 def test_linear_keeps_leading_dims_and_handles_empty_input():
     w = torch.randn(70, 48).bfloat16()
-    packed = cpu_kernels.pack(w)
+    packed = kernels.pack(w)
     x = torch.randn(2, 3, 48).bfloat16()
-    out = cpu_kernels.linear(x, packed, None, 70)
+    out = kernels.linear(x, packed, None, 70)
     assert out.shape == (2, 3, 70)
-    assert torch.equal(out.reshape(6, 70), cpu_kernels.linear(x.reshape(6, 48), packed, None, 70))
-    assert cpu_kernels.linear(torch.empty(0, 48).bfloat16(), packed, None, 70).shape == (0, 70)
+    assert torch.equal(out.reshape(6, 70), kernels.linear(x.reshape(6, 48), packed, None, 70))
+    assert kernels.linear(torch.empty(0, 48).bfloat16(), packed, None, 70).shape == (0, 70)
     strided = torch.randn(48, 5).bfloat16().t()  # non-contiguous rows
-    assert torch.equal(cpu_kernels.linear(strided, packed, None, 70),
-                       cpu_kernels.linear(strided.contiguous(), packed, None, 70))
+    assert torch.equal(kernels.linear(strided, packed, None, 70),
+                       kernels.linear(strided.contiguous(), packed, None, 70))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -84,13 +84,13 @@ def test_bit_identical_to_f_linear(threads):
             gen = torch.Generator().manual_seed(m + k)
             w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen).bfloat16()
             b = torch.randn(n, generator=gen).bfloat16()
-            packed = cpu_kernels.pack(w)
+            packed = kernels.pack(w)
             for bias in (None, b):
-                got, expected = cpu_kernels.linear(x, packed, bias, n), F.linear(x, w, bias)
-                if m <= 32 or not cpu_kernels.uses_amx():
+                got, expected = kernels.linear(x, packed, bias, n), F.linear(x, w, bias)
+                if m <= 32 or not kernels.uses_amx():
                     assert torch.equal(got, expected), (m, k, bias is not None)
                     continue
-                pieces = torch.cat([cpu_kernels.linear(x[r:r + 32], packed, bias, n) for r in range(0, m, 32)])
+                pieces = torch.cat([kernels.linear(x[r:r + 32], packed, bias, n) for r in range(0, m, 32)])
                 assert torch.equal(got, pieces), (m, k, bias is not None)
                 differ = got != expected  # where they do: by rounding, or float32 summation where terms cancel
                 assert differ.float().mean() < 1e-3, (m, k, bias is not None)
@@ -110,15 +110,15 @@ def test_int8_linear_within_one_rounding_of_exact(m, n, k):
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scale, bias = torch.rand(n, generator=gen) / 50, torch.randn(n, generator=gen).bfloat16()
     x = torch.randn(m, k, generator=gen).bfloat16()
-    packed = cpu_kernels.pack(q)
-    assert packed.dtype == torch.int8 and torch.equal(cpu_kernels.unpack(packed, n, k), q)
+    packed = kernels.pack(q)
+    assert packed.dtype == torch.int8 and torch.equal(kernels.unpack(packed, n, k), q)
     for b in (None, bias):
         exact = (x.double() @ q.double().T) * scale.double() + (0 if b is None else b.double())
         summation = k * 2.0**-24 * (x.double().abs() @ q.double().abs().T) * scale.double()
-        got = cpu_kernels.linear(x, packed, b, n, scale=scale)
+        got = kernels.linear(x, packed, b, n, scale=scale)
         assert bool(((got.double() - exact).abs() <= bf16_spacing(exact).double() + summation).all())
     with pytest.raises(RuntimeError, match="int8 weights need a scale"):
-        cpu_kernels.linear(x, packed, None, n)
+        kernels.linear(x, packed, None, n)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 3072, 1024), (1, 70, 11008), (3, 130, 33), (6, 64, 300),
@@ -128,16 +128,16 @@ def test_float32_linear_within_summation_error(m, n, k):
     classic bound for that order: (128 + k/128 + 2) ulps of the sum of |products|, checked against float64."""
     gen = torch.Generator().manual_seed(m + 7 * n + k)
     w, x, b = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
-    packed = cpu_kernels.pack(w)
-    assert packed.dtype == torch.float32 and torch.equal(cpu_kernels.unpack(packed, n, k), w)
+    packed = kernels.pack(w)
+    assert packed.dtype == torch.float32 and torch.equal(kernels.unpack(packed, n, k), w)
     exact = x.double() @ w.double().T + b.double()
     bound = (128 + k / 128 + 2) * 2.0**-24 * (x.double().abs() @ w.double().abs().T + b.double().abs())
-    got = cpu_kernels.linear(x, packed, b, n)
+    got = kernels.linear(x, packed, b, n)
     assert got.dtype == torch.float32 and bool(((got.double() - exact).abs() <= bound).all())
 
 
 def test_int8_layer_uses_the_kernel_and_keeps_its_state_dict():
-    from idefics.quantize import Int8Linear
+    from idefics.cpu.quantize import Int8Linear
 
     torch.manual_seed(0)
     weight = torch.randn(96, 200) / 16
@@ -155,23 +155,23 @@ def test_int8_layer_uses_the_kernel_and_keeps_its_state_dict():
 @pytest.mark.parametrize("n,k", [(64, 64), (130, 33), (5, 4099)])
 def test_pack_round_trips(n, k):
     w = torch.randn(n, k).bfloat16()
-    packed = cpu_kernels.pack(w)
+    packed = kernels.pack(w)
     assert packed.shape == (-(-n // 64), -(-k // 2), 64, 2)
-    assert torch.equal(cpu_kernels.unpack(packed, n, k), w)
+    assert torch.equal(kernels.unpack(packed, n, k), w)
 
 
 def test_bad_inputs_name_the_problem():
-    packed = cpu_kernels.pack(torch.randn(64, 32).bfloat16())
+    packed = kernels.pack(torch.randn(64, 32).bfloat16())
     with pytest.raises(RuntimeError, match="input must be bfloat16"):
-        cpu_kernels.linear(torch.randn(1, 32), packed, None, 64)
+        kernels.linear(torch.randn(1, 32), packed, None, 64)
     with pytest.raises(RuntimeError, match="input has 30 features"):
-        cpu_kernels.linear(torch.randn(1, 30).bfloat16(), packed, None, 64)
+        kernels.linear(torch.randn(1, 30).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="bias has 3 values for 64 outputs"):
-        cpu_kernels.linear(torch.randn(1, 32).bfloat16(), packed, torch.zeros(3).bfloat16(), 64)
+        kernels.linear(torch.randn(1, 32).bfloat16(), packed, torch.zeros(3).bfloat16(), 64)
     with pytest.raises(RuntimeError, match="weight must be a 2-D bfloat16, int8 or float32"):
-        cpu_kernels.pack(torch.randn(64, 32, dtype=torch.float64))
+        kernels.pack(torch.randn(64, 32, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="input must be float32 on the CPU for Float weights"):
-        cpu_kernels.linear(torch.randn(1, 32).bfloat16(), cpu_kernels.pack(torch.randn(64, 32)), None, 64)
+        kernels.linear(torch.randn(1, 32).bfloat16(), kernels.pack(torch.randn(64, 32)), None, 64)
 
 
 def test_packed_bf16_layer_uses_the_kernel_and_keeps_its_state_dict():
@@ -187,9 +187,9 @@ def test_packed_bf16_layer_uses_the_kernel_and_keeps_its_state_dict():
 
 
 def test_switched_off_bf16_layers_use_onednn():
-    code = ("import torch; from idefics.packing import PackedLinear; from idefics import cpu_kernels; "
+    code = ("import torch; from idefics.cpu.packing import PackedLinear; from idefics.cpu import kernels; "
             "p = PackedLinear(torch.randn(8, 16).bfloat16(), None); "
-            "print(cpu_kernels.available(), p.weight.is_mkldnn)")
+            "print(kernels.available(), p.weight.is_mkldnn)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "IDEFICS_CPU_KERNELS": "0"})
     assert out.stdout.split() == ["False", "True"]

@@ -1,4 +1,4 @@
-"""The fused CPU ops of idefics/csrc/norm_rope.cpp against the eager code they replace, bit for bit: RMSNorm
+"""The fused CPU ops of idefics/cpu/csrc/norm_rope.cpp against the eager code they replace, bit for bit: RMSNorm
 (`F.rms_norm` on float32, ATen's summation order) and rotary embeddings written into the KV cache
 (`apply_rotary` then `KVCache.update`). Layers use them only for inference; with gradients they keep the eager
 ops."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idefics import cpu_kernels
+from idefics.cpu import kernels
 from idefics.layers import KVCache, RMSNorm, RotaryEmbedding, apply_rotary
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+pytestmark = pytest.mark.skipif(not kernels.fused_ops_available(),
                                 reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
@@ -32,7 +32,7 @@ def test_rms_norm_bit_identical_to_eager(d, x_dtype, w_dtype):
     x = (torch.randn(9, d, generator=gen) * torch.logspace(-3, 2, 9)[:, None]).to(x_dtype)
     w = (1 + 0.1 * torch.randn(d, generator=gen)).to(w_dtype)
     for eps in (1e-6, 1e-5):
-        out, want = cpu_kernels.rms_norm(x, w, eps), eager_rms_norm(x, w, eps)
+        out, want = kernels.rms_norm(x, w, eps), eager_rms_norm(x, w, eps)
         assert out.dtype == want.dtype and torch.equal(out, want), (d, eps)
 
 
@@ -45,8 +45,8 @@ def test_rms_norm_module_uses_the_op_for_inference_only(threads, monkeypatch):
         norm.weight.data.normal_(1, 0.1)
         x = torch.randn(3, 130, 1024).bfloat16()
         calls = []
-        real = cpu_kernels.rms_norm
-        monkeypatch.setattr(cpu_kernels, "rms_norm", lambda *a: calls.append(1) or real(*a))
+        real = kernels.rms_norm
+        monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(1) or real(*a))
         with torch.inference_mode():
             fused = norm(x)
         assert calls and torch.equal(fused, eager_rms_norm(x, norm.weight, norm.eps))
@@ -86,8 +86,8 @@ def test_rotary_into_cache_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="KV cache is full: 9 positions needed, 8 allocated"):
         cache.rotate_and_update(0, q, q, q, (cos, sin))
     with pytest.raises(RuntimeError, match="positions 7..8 of layer 2"):
-        cpu_kernels.rotary_into_cache(q, q, q, cos, sin, cache.keys, cache.values, 2, 7)
+        kernels.rotary_into_cache(q, q, q, cos, sin, cache.keys, cache.values, 2, 7)
     with pytest.raises(RuntimeError, match="every tensor must be Float"):
-        cpu_kernels.rotary_into_cache(q, q, q.bfloat16(), cos, sin, cache.keys, cache.values, 0, 0)
+        kernels.rotary_into_cache(q, q, q.bfloat16(), cos, sin, cache.keys, cache.values, 0, 0)
     with pytest.raises(RuntimeError, match="weight of shape \\[3\\] for 64 features"):
-        cpu_kernels.rms_norm(q, torch.ones(3), 1e-6)
+        kernels.rms_norm(q, torch.ones(3), 1e-6)

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import idefics
-from idefics import cpu_kernels, packing
 from idefics.checkpoint import load_model, save_model
-from idefics.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
-from idefics.quantize import Int8Linear
+from idefics.cpu import kernels, packing
+from idefics.cpu.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
+from idefics.cpu.quantize import Int8Linear
 from tests.rounding import summation_bound, within_one_rounding
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.widening_available(),
+needs_kernel = pytest.mark.skipif(not kernels.widening_available(),
                                   reason="needs an AVX2 CPU without AVX-512 BF16 (and IDEFICS_CPU_KERNELS on)")
 
 
@@ -36,10 +36,10 @@ def test_kernel_within_one_rounding(m, n, k, bias):
     w = torch.randn(n, k, generator=gen).bfloat16()
     x = torch.randn(m, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
-    got = cpu_kernels.widening_linear(x, w, b)
+    got = kernels.widening_linear(x, w, b)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     product_within_one_rounding(got, x, w, b)
-    as_float = cpu_kernels.widening_linear(x.float(), w, b)  # float32 x: no output rounding
+    as_float = kernels.widening_linear(x.float(), w, b)  # float32 x: no output rounding
     assert as_float.dtype == torch.float32
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     assert ((as_float.double() - exact).abs() <= summation_bound(k, x.double().abs() @ w.double().abs().T) + 1e-30).all()
@@ -55,7 +55,7 @@ def test_kernel_float32_weights_within_summation_error(m, n, k, bias):
     gen = torch.Generator().manual_seed(m + 3 * n + k)
     w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    got = cpu_kernels.widening_linear(x, w, b)
+    got = kernels.widening_linear(x, w, b)
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got.double() - exact).abs() <= summation_bound(k, x.double().abs() @ w.double().abs().T) + 1e-30).all()
@@ -71,7 +71,7 @@ def test_kernel_int8_weights_within_one_rounding(m, n, k):
     gen = torch.Generator().manual_seed(m + n + k)
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scales, x = torch.rand(n, generator=gen) / 100, torch.randn(m, k, generator=gen).bfloat16()
-    got = cpu_kernels.widening_linear(x, q, None, scales)
+    got = kernels.widening_linear(x, q, None, scales)
     exact = (x.double() @ q.double().T) * scales.double()
     # x 2: the scale's multiplication adds a rounding of its own to the summation error
     assert got.dtype == torch.bfloat16
@@ -90,11 +90,11 @@ def test_kernel_bits_do_not_depend_on_threads_or_batch(n):
         runs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs.append(cpu_kernels.widening_linear(x, w, None))
+            runs.append(kernels.widening_linear(x, w, None))
     finally:
         torch.set_num_threads(before)
     assert runs[0].shape == (3, 5, n) and torch.equal(runs[0], runs[1])
-    assert torch.equal(cpu_kernels.widening_linear(x[1, 2:3], w, None), runs[0][1, 2:3])
+    assert torch.equal(kernels.widening_linear(x[1, 2:3], w, None), runs[0][1, 2:3])
 
 
 @needs_kernel
@@ -108,24 +108,24 @@ def test_kernel_rows_of_a_batch_equal_one_row_products(dtype):
          else torch.randn(n, k, generator=gen).to(dtype))
     scale = torch.rand(n, generator=gen) / 50 if dtype == torch.int8 else None
     x = torch.randn(packing.WIDENED_FEW_ROWS, k, generator=gen).bfloat16()
-    single = torch.cat([cpu_kernels.widening_linear(x[i:i + 1], w, None, scale) for i in range(len(x))])
+    single = torch.cat([kernels.widening_linear(x[i:i + 1], w, None, scale) for i in range(len(x))])
     for rows in range(2, len(x) + 1):
-        assert torch.equal(cpu_kernels.widening_linear(x[:rows], w, None, scale), single[:rows]), rows
+        assert torch.equal(kernels.widening_linear(x[:rows], w, None, scale), single[:rows]), rows
 
 
 @needs_kernel
 def test_kernel_names_bad_input():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="input has 9 features, weight 8"):
-        cpu_kernels.widening_linear(torch.zeros(1, 9, dtype=torch.bfloat16), w, None)
+        kernels.widening_linear(torch.zeros(1, 9, dtype=torch.bfloat16), w, None)
     with pytest.raises(RuntimeError, match="weight must be bfloat16, float32 or int8"):
-        cpu_kernels.widening_linear(torch.zeros(1, 8), w.double(), None)
+        kernels.widening_linear(torch.zeros(1, 8), w.double(), None)
     with pytest.raises(RuntimeError, match="int8 weights need their per-output scales"):
-        cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), None)
+        kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), None)
     with pytest.raises(RuntimeError, match="bias has 3 values for 4 outputs"):
-        cpu_kernels.widening_linear(torch.zeros(1, 8, dtype=torch.bfloat16), w, torch.zeros(3))
+        kernels.widening_linear(torch.zeros(1, 8, dtype=torch.bfloat16), w, torch.zeros(3))
     with pytest.raises(RuntimeError, match="int8 weights take no bias"):
-        cpu_kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), torch.zeros(4), torch.ones(4))
+        kernels.widening_linear(torch.zeros(1, 8), w.to(torch.int8), torch.zeros(4), torch.ones(4))
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def folder(reference_checkpoint):
 @pytest.fixture
 def widened(monkeypatch):
     """Make this machine choose the widened layout for bf16 (as an AVX2 CPU does)."""
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "onednn_has_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "onednn_has_bf16", lambda: False)
     assert packing.layout(torch.bfloat16) == "widened"
 
 

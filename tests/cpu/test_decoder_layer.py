@@ -1,5 +1,5 @@
 """A decoder layer's and a gated cross-attention layer's decoding step as one C++ op each
-(idefics/csrc/decoder_layer.cpp) give what the Python layers give, bit for bit: the layer output and the cache it
+(idefics/cpu/csrc/decoder_layer.cpp) give what the Python layers give, bit for bit: the layer output and the cache it
 writes, for float32, bf16 and int8 weights, grouped-query heads, masks, rows that see no image and several rows; a
 whole model decodes the same tokens and logits with them. Layers that are not packed for the CPU kernel, or that
 need gradients, run the Python code."""
@@ -12,14 +12,14 @@ from tests.helpers import decode_with_logits
 from torch import nn
 
 import idefics
-from idefics import cpu_kernels, cross_attention, language_model
+from idefics.cpu import kernels, ops, steps
+from idefics.cpu.packing import pack_for_cpu
+from idefics.cpu.quantize import FusedInt8Linear, Int8Linear, fuse_int8, replace_module
 from idefics.cross_attention import GatedCrossAttentionLayer, image_mask_to_additive
 from idefics.language_model import DecoderLayer
 from idefics.layers import KVCache, RotaryEmbedding
-from idefics.packing import pack_for_cpu
-from idefics.quantize import FusedInt8Linear, Int8Linear, fuse_int8, replace_module
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.fused_ops_available(),
+pytestmark = pytest.mark.skipif(not kernels.fused_ops_available(),
                                 reason="neither CPU extension here (no AVX-512 BF16 nor AVX2), or IDEFICS_CPU_KERNELS=0")
 
 
@@ -43,12 +43,12 @@ def packed_layer(dim: int, heads: int, kv_heads: int, hidden: int, dtype: torch.
     return pack_for_cpu(holder).model[0]
 
 
-def python_step(layer: DecoderLayer, *args) -> torch.Tensor:
-    layer.compiled_step = lambda *a: None  # the Python code of forward
-    try:
+def python_step(layer: nn.Module, *args) -> torch.Tensor:
+    """The layer's output from the Python code of its forward (the compiled steps switched off)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "decoder_layer_step", lambda *a: None)
+        patch.setattr(ops, "gated_cross_attention_step", lambda *a: None)
         return layer(*args)
-    finally:
-        del layer.compiled_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
@@ -74,13 +74,13 @@ def test_step_bit_identical_to_the_python_layer(dtype, dim, heads, kv_heads, hid
         mask = torch.ones(rows, 1, 1, past + 1, dtype=torch.bool)
         mask[0, ..., :4] = False  # left padding of the first row
     calls = []
-    real = cpu_kernels.decoder_layer_step
+    real = kernels.decoder_layer_step
     with torch.inference_mode():
-        cpu_kernels.decoder_layer_step = lambda *a: calls.append(1) or real(*a)
+        kernels.decoder_layer_step = lambda *a: calls.append(1) or real(*a)
         try:
             fused = layer(x, rope, mask, caches[0], 2)
         finally:
-            cpu_kernels.decoder_layer_step = real
+            kernels.decoder_layer_step = real
         plain = python_step(layer, x, rope, mask, caches[1], 2)
     assert calls and torch.equal(fused, plain)
     assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
@@ -124,18 +124,14 @@ def test_cross_attention_step_bit_identical_to_the_python_layer(dtype, qk_norms,
             seen[2] = 0
         mask, gate = image_mask_to_additive(seen, latents, x_dtype)
     calls = []
-    real = cpu_kernels.gated_cross_attention_step
+    real = kernels.gated_cross_attention_step
     with torch.inference_mode():
-        cpu_kernels.gated_cross_attention_step = lambda *a: calls.append(1) or real(*a)
+        kernels.gated_cross_attention_step = lambda *a: calls.append(1) or real(*a)
         try:
             fused = layer(x, kv, mask, gate)
         finally:
-            cpu_kernels.gated_cross_attention_step = real
-        layer.compiled_step = lambda *a: None  # the Python code of forward
-        try:
-            plain = layer(x, kv, mask, gate)
-        finally:
-            del layer.compiled_step
+            kernels.gated_cross_attention_step = real
+        plain = python_step(layer, x, kv, mask, gate)
     assert calls and torch.equal(fused, plain)
     assert not torch.equal(fused, x)  # the gates are open: the layer changed x
 
@@ -146,9 +142,9 @@ def test_unpacked_or_training_layers_run_python():
     rope = RotaryEmbedding(16)(torch.zeros(1, 1, dtype=torch.long), torch.float32)
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
-        assert layer.compiled_step(x, rope, None, cache, 0) is None
+        assert steps.decoder_layer_step(layer, x, rope, None, cache, 0) is None
     packed = packed_layer(64, 4, 4, 128, torch.float32, seed=0)
-    assert packed.compiled_step(x.requires_grad_(True), rope, None, cache, 0) is None  # gradients: no C++ op
+    assert steps.decoder_layer_step(packed, x.requires_grad_(True), rope, None, cache, 0) is None  # gradients: no C++
 
 
 @pytest.mark.parametrize("dtype,quantize", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
@@ -156,18 +152,17 @@ def test_model_decodes_the_same_with_the_compiled_step(reference_checkpoint, ima
     pipe = idefics.load(reference_checkpoint("small_9b")[0], dtype=dtype, quantize=quantize)
     inputs = pipe.processor([["User:", images[0], "Describe this image."], ["The quick brown fox", images[1]]])
     calls, cross_calls = [], []
-    real, real_cross = cpu_kernels.decoder_layer_step, cpu_kernels.gated_cross_attention_step
-    monkeypatch.setattr(cpu_kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(cpu_kernels, "gated_cross_attention_step", lambda *a: cross_calls.append(1) or real_cross(*a))
-    checks = []  # the weight checks run once per layer and generation (`layers.step_plan`), not every step
-    for module in (language_model, cross_attention):
-        real_check = module.kernel_weights
-        monkeypatch.setattr(module, "kernel_weights", lambda *a, f=real_check: checks.append(1) or f(*a))
+    real, real_cross = kernels.decoder_layer_step, kernels.gated_cross_attention_step
+    monkeypatch.setattr(kernels, "decoder_layer_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "gated_cross_attention_step", lambda *a: cross_calls.append(1) or real_cross(*a))
+    checks = []  # the weight checks run once per layer and generation (`steps.step_plan`), not every step
+    real_check = steps.kernel_weights
+    monkeypatch.setattr(steps, "kernel_weights", lambda *a: checks.append(1) or real_check(*a))
     tokens, logits = decode_with_logits(pipe.model, inputs, 6)
     assert len(calls) == 5 * pipe.model.config.num_hidden_layers  # every decoding step of every layer
     assert len(cross_calls) == 5 * len(pipe.model.model.gated_cross_attn_layers)
     assert len(checks) == pipe.model.config.num_hidden_layers + len(pipe.model.model.gated_cross_attn_layers)
-    monkeypatch.setattr(DecoderLayer, "compiled_step", lambda *a: None)
-    monkeypatch.setattr(GatedCrossAttentionLayer, "compiled_step", lambda *a: None)
+    monkeypatch.setattr(ops, "decoder_layer_step", lambda *a: None)
+    monkeypatch.setattr(ops, "gated_cross_attention_step", lambda *a: None)
     plain_tokens, plain_logits = decode_with_logits(pipe.model, inputs, 6)
     assert torch.equal(tokens, plain_tokens) and torch.equal(logits, plain_logits)

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import idefics
-from idefics import cpu_kernels
 from idefics.checkpoint import load_model, save_model
+from idefics.cpu.ops import run_together
+from idefics.cpu.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, layout, pack_for_cpu
 from idefics.layers import DecoupledLinear, attention
-from idefics.layers import run_together
-from idefics.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, layout, pack_for_cpu
 
 needs_bf16_packing = pytest.mark.skipif(layout(torch.bfloat16) == "widened", reason="bf16 is widened to float32 "
                                         "on this CPU: within a rounding, not bit for bit (tests/cpu/test_cpu_widening.py)")
@@ -74,7 +73,7 @@ def test_fused_linears_give_each_part_and_keep_its_state_dict(dtype):
 def test_quantizing_a_fused_model_unfuses_first(folder):
     """The float fused layers are split, each part quantized; where a compiled decoding step takes them (either CPU
     extension), the int8 siblings are fused again (`FusedInt8Linear`), keeping each part's keys and values."""
-    from idefics.quantize import FusedInt8Linear, Int8Linear, fuses_int8, quantize_model
+    from idefics.cpu.quantize import FusedInt8Linear, Int8Linear, fuses_int8, quantize_model
 
     model = quantize_model(load_model(folder, pack=True), "int8")
     attn = model.model.layers[0].self_attn

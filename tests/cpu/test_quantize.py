@@ -11,10 +11,11 @@ from torch import nn
 import idefics
 from idefics.checkpoint import load_model
 from idefics.cli import build_parser
-from idefics.layers import SwiGLU, run_together
-from idefics.packing import FusedPart, unfuse
-from idefics.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, fuses_int8, quantize_model,
-                              quantize_rows, quantized_bytes, target_linears)
+from idefics.cpu.ops import run_together
+from idefics.cpu.packing import FusedPart, unfuse
+from idefics.cpu.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, fuses_int8, quantize_model,
+                                  quantize_rows, quantized_bytes, target_linears)
+from idefics.layers import SwiGLU
 
 
 def int4_dequantized(module: Int4Linear, weight: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@
 // Arithmetic (bf16): products of bf16 are exact in float32. Each chunk of `chunk` input features is summed in
 // float32 in input-feature order, starting from zero, and the chunk sums are added in order; then the bias is
 // added in float32 and the result rounded to bf16 once (round to nearest even). With the chunk oneDNN uses for
-// the shape (`cpu_kernels.onednn_chunk`) every output equals oneDNN's bit for bit, so the model gives what the
+// the shape (`kernels.onednn_chunk`) every output equals oneDNN's bit for bit, so the model gives what the
 // reference (transformers, whose bf16 matmuls run on oneDNN) gives. float32 sums in input-feature order.
 // Where the CPU has AMX, bf16 weights (and int8 ones for several rows) go to amx.cpp instead: oneDNN uses the
 // tiles there, and so must we, for its speed and its order of the sums.

@@ -1,5 +1,5 @@
 // The CPU ops of this extension, callable from each other's files (decoder_layer.cpp runs a whole layer on them).
-// Each is registered as torch.ops.idefics.<name>; cpu_kernels.py documents them.
+// Each is registered as torch.ops.idefics.<name>; kernels.py documents them.
 #pragma once
 
 #include <ATen/ATen.h>
