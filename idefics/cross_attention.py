@@ -7,10 +7,12 @@ still runs for them). Image keys/values do not depend on the text, so generation
 (`project_images`) and reuses them at every step.
 
 The word path (idefics-mini): an encoder that sends words to the cross-attention (the frozen classifier's class
-names as the language model's own token embeddings, `EfficientNetEncoder.label_words`) has them carried, unprojected,
-beside each head's values: the attention weights that read the image also pick a word, and the block adds it to
-the residual stream at a learned gain (`alpha_word`, up to WORD_NORM). A projected value path would have to learn a
-576-dimensional identity map before the name could reach the output; this one is exact from the first step."""
+names as the language model's own token embeddings, several word slots per class: `EfficientNetEncoder.words`)
+has them carried, unprojected, beside each head's values: the attention weights that read the image pick a class,
+a learned choice from the text (`word_select`: none, or one of the slots) picks which of its words comes next, and
+the block adds that word to the residual stream at a learned gain (`alpha_word`, up to WORD_NORM). A projected
+value path would have to learn a 576-dimensional identity map before a name could reach the output; this one is
+exact from the first step."""
 
 from __future__ import annotations
 
@@ -40,21 +42,23 @@ class CrossAttention(nn.Module):
 
     def project_images(self, images: torch.Tensor, words: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L, image_dim] image latents → keys, values [B, heads, L, head_dim]. With `words` ([B, L, dim], the
-        word path's embeddings, zero for tokens that carry none) each head's values carry its slice of them too:
-        values [B, heads, L, 2 * head_dim]."""
+        """[B, L, image_dim] image latents → keys, values [B, heads, L, head_dim]. With `words` ([B, L, slots,
+        dim], the word path's embeddings, zero for tokens that carry none) each head's values carry its slice of
+        every slot too: values [B, heads, L, (1 + slots) * head_dim]."""
         b, n, _ = images.shape
         k = self.k_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(images).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
             k = self.k_layer_norm(k)
         if words is not None:
-            v = torch.cat([v, words.to(v.dtype).view(b, n, self.heads, self.head_dim).transpose(1, 2)], dim=-1)
+            slots = words.shape[2]  # per head: [its values | its slice of slot 1 | ... | of slot S]
+            per_head = words.to(v.dtype).view(b, n, slots, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
+            v = torch.cat([v, per_head.reshape(b, self.heads, n, slots * self.head_dim)], dim=-1)
         return k, v
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention output, and the attended words [B, T, dim] when the values carry them (else None)."""
+        """The attention output, and the attended words [B, T, slots, dim] when the values carry them (else None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_norms:
@@ -62,15 +66,16 @@ class CrossAttention(nn.Module):
         out = attention(q, kv[0], kv[1], mask)
         words = None
         if out.shape[-1] > self.head_dim:
-            out, words = out.split(self.head_dim, dim=-1)
-            words = words.transpose(1, 2).reshape(b, t, -1)
+            out, words = out[..., :self.head_dim], out[..., self.head_dim:]
+            words = words.unflatten(-1, (-1, self.head_dim)).permute(0, 2, 3, 1, 4).reshape(b, t, -1, self.heads
+                                                                                             * self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), words
 
 
 class GatedCrossAttentionLayer(nn.Module):
     def __init__(self, dim: int, hidden: int, image_dim: int, heads: int, qk_norms: bool, eps: float,
                  alpha_type: str = "float", alpha_initializer: str = "zeros", alpha_std: float = 0.0,
-                 dense_needs_image: bool = False, word_path: bool = False) -> None:
+                 dense_needs_image: bool = False, word_slots: int = 0) -> None:
         super().__init__()
         # The reference applies the dense (MLP) half to every token. With `dense_needs_image` (config key
         # "dense_needs_image", idefics-mini's) tokens that see no image pass through the whole block unchanged,
@@ -83,8 +88,13 @@ class GatedCrossAttentionLayer(nn.Module):
         shape = (1,) if alpha_type == "float" else (1, 1, dim)
         self.alpha_cross_attn = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
         self.alpha_dense = nn.Parameter(init_alpha(shape, alpha_initializer, alpha_std))
-        if word_path:  # starts closed, like the other gates: WORD_NORM * tanh(0) = 0
+        if word_slots:  # starts closed, like the other gates: WORD_NORM * tanh(0) = 0
             self.alpha_word = nn.Parameter(torch.zeros(1))
+        if word_slots > 1:
+            self.word_select = nn.Linear(dim, 1 + word_slots)  # which word comes next: none, or a slot
+            with torch.no_grad():  # starts on the first slot (the first token of a name)
+                self.word_select.weight.zero_()
+                self.word_select.bias.copy_(torch.tensor([0.0, 3.0] + [0.0] * (word_slots - 1)))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                 gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor:
@@ -98,11 +108,15 @@ class GatedCrossAttentionLayer(nn.Module):
             if out is not None:
                 return out
         if kv is not None:
-            attn, words = self.cross_attn(self.input_layernorm(x), kv, mask)
+            normed = self.input_layernorm(x)
+            attn, words = self.cross_attn(normed, kv, mask)
             unseen = (gate == 0)[:, :, None]
             x = x + torch.tanh(self.alpha_cross_attn) * attn.masked_fill(unseen, 0.0)
             if words is not None:
-                x = x + WORD_NORM * torch.tanh(self.alpha_word) * words.masked_fill(unseen, 0.0)
+                word = words[:, :, 0]
+                if words.shape[2] > 1:  # [B, T, slots, 1] weights; "none" (slot 0) adds nothing
+                    word = (self.word_select(normed).softmax(-1)[..., 1:, None] * words).sum(dim=2)
+                x = x + WORD_NORM * torch.tanh(self.alpha_word) * word.masked_fill(unseen, 0.0)
         dense = self.mlp(self.post_attention_layernorm(x))
         if self.dense_needs_image:
             dense = dense.masked_fill((gate == 0)[:, :, None], 0.0)

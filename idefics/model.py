@@ -55,8 +55,8 @@ class IdeficsModel(nn.Module):
         self.vision_model = build_vision_encoder(vc)
         image_dim = vc.embed_dim
         # the encoder's words (idefics-mini's class names) reach the decoder through the cross-attention's word path
-        self.word_path = bool(getattr(self.vision_model, "label_words", False))
-        if self.word_path and self.vision_model.label_width != c.hidden_size:
+        self.word_slots = int(getattr(self.vision_model, "label_words", 0))
+        if self.word_slots and self.vision_model.label_width != c.hidden_size:
             raise ValueError(f"vision_config.label_width ({self.vision_model.label_width}) must equal hidden_size "
                              f"({c.hidden_size}) with label_words")
         if c.use_resampler:
@@ -71,7 +71,7 @@ class IdeficsModel(nn.Module):
             GatedCrossAttentionLayer(c.hidden_size, c.intermediate_size, image_dim, c.num_attention_heads,
                                      c.qk_layer_norms, c.rms_norm_eps, c.alpha_type, c.alpha_initializer, alpha_std,
                                      dense_needs_image=bool(c.extra.get("dense_needs_image", False)),
-                                     word_path=self.word_path)
+                                     word_slots=self.word_slots)
             for _ in range(c.num_cross_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
@@ -112,7 +112,7 @@ class IdeficsModel(nn.Module):
 
     def cross_inputs(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         flat = image_states.reshape(image_states.shape[0], -1, image_states.shape[-1])
-        words = self.vision_model.words(image_states) if self.word_path else None
+        words = self.vision_model.words(image_states, self.embed_tokens) if self.word_slots else None
         return [layer.cross_attn.project_images(flat, words) for layer in self.gated_cross_attn_layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

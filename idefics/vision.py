@@ -140,7 +140,7 @@ def build_vision_encoder(config: VisionConfig) -> nn.Module:
         return EfficientNetEncoder(net, label_tokens=int(config.extra.get("label_tokens", 0)),
                                    label_width=int(config.extra.get("label_width", 0)),
                                    position_code=bool(config.extra.get("position_code", False)),
-                                   label_words=bool(config.extra.get("label_words", False)))
+                                   label_words=int(config.extra.get("label_words", 0)))
     raise ValueError(f"unknown vision_config.model_type {config.model_type!r}")
 
 
@@ -152,29 +152,34 @@ class EfficientNetEncoder(nn.Module):
     own), then optionally `label_tokens` tokens that let the frozen ImageNet classifier speak: for each of its
     top-k classes, the language model's own embedding of the class name (`class_names`, [1000, label_width],
     a frozen buffer rebuilt from the backbones' sources), its probability and its rank. They skip the
-    perceiver (`passthrough_tokens`): the cross-attention reads them beside its latents. With `label_words` each
-    label token also carries the embedding of the first token of the class name (`class_words`, unit norm), which
-    the cross-attention's word path hands to the language model as it is (`words`).
+    perceiver (`passthrough_tokens`): the cross-attention reads them beside its latents. With `label_words` = S,
+    each label token also carries the embedding of its name's first token (`class_words`, unit norm) and the ids
+    of the S tokens that name its class (`class_word_ids`: the name's first tokens, then the kind's first token;
+    each id as two multiples of 1/256 below 1, exact in bfloat16); `words` turns the ids into the language
+    model's own embeddings for the cross-attention's word path.
     """
 
     FEATURE_WIDTH, GRID = 1280, 7
     POSITION_AMPLITUDE = 0.5  # the features are ReLU6 outputs with mean ~0.2 and std ~0.7
 
     def __init__(self, net: nn.Module, label_tokens: int = 0, label_width: int = 0, position_code: bool = False,
-                 label_words: bool = False):
+                 label_words: int = 0):
         super().__init__()
         self.net = net
-        room = (self.FEATURE_WIDTH - label_tokens - 3) // (2 if label_words else 1)
+        room = self.FEATURE_WIDTH - label_tokens - 3 - 2 * label_words
+        room = room // 2 if label_words else room
         if label_tokens and not 0 < label_width <= room:
-            raise ValueError(f"label_width must be in 1..{room} with label_tokens={label_tokens}"
-                             f"{' and label_words' if label_words else ''}, got {label_width}")
+            raise ValueError(f"label_width must be in 1..{room} with label_tokens={label_tokens} and "
+                             f"label_words={label_words}, got {label_width}")
         if label_words and not label_tokens:
             raise ValueError("label_words needs label_tokens")
         self.label_tokens, self.label_width, self.label_words = label_tokens, label_width, label_words
         if label_tokens:
             self.register_buffer("class_names", torch.zeros(net._fc.out_features, label_width))
         if label_words:
-            self.register_buffer("class_words", torch.zeros(net._fc.out_features, label_width))
+            classes = net._fc.out_features
+            self.register_buffer("class_words", torch.zeros(classes, label_width))
+            self.register_buffer("class_word_ids", torch.full((classes, label_words), -1, dtype=torch.long))
         self.uses_position_code = position_code
         self._position_code: torch.Tensor | None = None  # built on first use: models are built on the meta device
 
@@ -224,8 +229,8 @@ class EfficientNetEncoder(nn.Module):
 
     def label_token_values(self, probs: torch.Tensor) -> torch.Tensor:
         """[images, 1000] probabilities → [images, label_tokens, 1280]: class-name embedding | probability,
-        log-probability / 10 | rank one-hot | 1 (marks a label token) | first-token embedding (`label_words`) |
-        zeros."""
+        log-probability / 10 | rank one-hot | 1 (marks a label token) | first-token embedding, then word ids as
+        (id // 256, id % 256) / 256 pairs, (-1, -1) for an empty slot (`label_words`) | zeros."""
         k, width = self.label_tokens, self.label_width
         top = probs.topk(k, dim=-1)
         n = probs.shape[0]
@@ -237,17 +242,31 @@ class EfficientNetEncoder(nn.Module):
         out[..., width + 2 + k] = 1.0
         if self.label_words:
             out[..., self.word_offset:self.word_offset + width] = self.class_words.float()[top.indices]
+            ids = self.class_word_ids[top.indices]  # [images, k, slots]
+            pairs = torch.stack([ids.div(256, rounding_mode="floor"), ids.remainder(256)], dim=-1).float() / 256
+            pairs = torch.where(ids[..., None] >= 0, pairs, -1.0).flatten(-2)
+            out[..., self.ids_offset:self.ids_offset + 2 * self.label_words] = pairs
         return out
 
     @property
     def word_offset(self) -> int:
         return self.label_width + self.label_tokens + 3
 
-    def words(self, image_states: torch.Tensor) -> torch.Tensor:
-        """[B, N, latents, 1280] cross-attention inputs (latents, then the label tokens) → [B, N * latents,
-        label_width]: each label token's first-token embedding, zero for the latents."""
+    @property
+    def ids_offset(self) -> int:
+        return self.word_offset + self.label_width
+
+    def words(self, image_states: torch.Tensor, embed: nn.Module) -> torch.Tensor:
+        """[B, N, latents, 1280] cross-attention inputs (latents, then the label tokens) and the language model's
+        input embedding → [B, N * latents, label_words, hidden]: each label token's words as unit-norm
+        embeddings, zero for empty slots and for the latents."""
         b, n, length, _ = image_states.shape
-        out = image_states.new_zeros(b, n, length, self.label_width)
-        out[:, :, length - self.label_tokens:] = \
-            image_states[:, :, length - self.label_tokens:, self.word_offset:self.word_offset + self.label_width]
-        return out.reshape(b, n * length, self.label_width)
+        k, slots = self.label_tokens, self.label_words
+        pairs = image_states[:, :, length - k:, self.ids_offset:self.ids_offset + 2 * slots].float() * 256
+        pairs = pairs.round().unflatten(-1, (slots, 2)).long()
+        ids = pairs[..., 0] * 256 + pairs[..., 1]  # [B, N, k, slots]
+        vectors = embed(ids.clamp_min(0)).float()
+        vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6) * (pairs[..., :1] >= 0)
+        out = vectors.new_zeros(b, n, length, slots, vectors.shape[-1])
+        out[:, :, length - k:] = vectors
+        return out.reshape(b, n * length, slots, vectors.shape[-1])

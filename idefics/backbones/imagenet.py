@@ -8,8 +8,9 @@ original ImageNet labels). `python -m idefics.backbones.imagenet` rebuilds it fr
 and Debian's `wordnet-base`.
 
 `name_embeddings` turns each class into one vector of the language model's input-embedding space: the mean
-of the token rows of " name kind", scaled to unit RMS so every class token has the same size. `word_embeddings`
-gives the row of the first token of " name" at unit norm: the word the model says first when it names the class.
+of the token rows of " name kind", scaled to unit RMS so every class token has the same size. `word_token_ids`
+lists the tokens the model says when it names the class: the name's first tokens and the kind's first token;
+`word_embeddings` gives the embedding of the first of them, at unit norm.
 """
 
 from __future__ import annotations
@@ -89,6 +90,25 @@ def word_embeddings(embed_weight: torch.Tensor, tokenizer) -> torch.Tensor:
     ids = [tokenizer.encode(" " + entry["name"], add_special_tokens=False).ids[0] for entry in class_table()]
     rows = embed_weight.float()[torch.tensor(ids)]
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def word_token_ids(tokenizer, slots: int) -> torch.Tensor:
+    """[classes, slots] token ids, -1 where empty: the first `slots - 1` tokens of " name", then the first token
+    of " kind" (empty where the class has no kind or the kind is already in the name, as in `describe`); one
+    slot: the name's first token. These are the words the model says when it names the class ("An Egyptian
+    Mau, a kind of cat.")."""
+    rows = []
+    for entry in class_table():
+        name = tokenizer.encode(" " + entry["name"], add_special_tokens=False).ids
+        if slots == 1:
+            rows.append(name[:1])
+            continue
+        name = name[:slots - 1]
+        kind = entry["kind"]
+        kind_ids = tokenizer.encode(" " + kind, add_special_tokens=False).ids[:1] \
+            if kind and kind not in entry["name"].lower().split() else []
+        rows.append(name + [-1] * (slots - 1 - len(name)) + (kind_ids or [-1]))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -174,14 +174,16 @@ def backbone_state_dict(sources: dict[str, str], config: IdeficsConfig) -> dict[
 
 def class_name_state(config: IdeficsConfig, language: LanguageBackbone) -> dict[str, torch.Tensor]:
     """The frozen class-name tables of a vision encoder with label tokens (else nothing): the language model's
-    embeddings of the ImageNet class names, and with `label_words` of their first tokens (`backbones.imagenet`)."""
+    embeddings of the ImageNet class names, and with `label_words` the token ids of the words that name them
+    (`backbones.imagenet`)."""
     extra = config.vision_config.extra
     if not extra.get("label_tokens"):
         return {}
-    from .imagenet import name_embeddings, word_embeddings
+    from .imagenet import name_embeddings, word_embeddings, word_token_ids
 
     embed = language.state_dict["model.embed_tokens.weight"]
     out = {VISION_PREFIX + "class_names": name_embeddings(embed, language.tokenizer)}
     if extra.get("label_words"):
         out[VISION_PREFIX + "class_words"] = word_embeddings(embed, language.tokenizer)
+        out[VISION_PREFIX + "class_word_ids"] = word_token_ids(language.tokenizer, int(extra["label_words"]))
     return out

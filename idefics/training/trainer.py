@@ -157,7 +157,7 @@ def gate_values(model: torch.nn.Module) -> dict[str, float]:
         return float(torch.stack(values).mean()) if values else 0.0
 
     gates = {"gate_xattn": mean(abs_tanh("alpha_cross_attn")), "gate_dense": mean(abs_tanh("alpha_dense"))}
-    if getattr(model.model, "word_path", False):
+    if getattr(model.model, "word_slots", 0):
         gates["word_gain"] = WORD_NORM * float(torch.stack(abs_tanh("alpha_word")).max())
     return gates
 

@@ -12,7 +12,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from idefics.backbones.efficientnet import EfficientNetLite0
-from idefics.backbones.imagenet import class_table, describe, name_embeddings, with_article, word_embeddings
+from idefics.backbones.imagenet import (class_table, describe, name_embeddings, with_article, word_embeddings,
+                                        word_token_ids)
 from idefics.cross_attention import WORD_NORM, GatedCrossAttentionLayer
 from idefics.data import Sample, Turn
 from idefics.training.collate import Collator, Encoded, SampleEncoder
@@ -20,7 +21,7 @@ from idefics.vision import EfficientNetEncoder
 
 
 def encoder(label_tokens: int = 3, width: int = 16, position_code: bool = True,
-            label_words: bool = False) -> EfficientNetEncoder:
+            label_words: int = 0) -> EfficientNetEncoder:
     torch.manual_seed(0)
     net = EfficientNetLite0().eval()
     enc = EfficientNetEncoder(net, label_tokens=label_tokens, label_width=width, position_code=position_code,
@@ -29,6 +30,8 @@ def encoder(label_tokens: int = 3, width: int = 16, position_code: bool = True,
         enc.class_names.copy_(torch.randn(1000, width))
     if label_words:
         enc.class_words.copy_(torch.randn(1000, width))
+        enc.class_word_ids.copy_(torch.randint(0, 49152, (1000, label_words)))
+        enc.class_word_ids[::3, -1] = -1  # some classes have no kind
     return enc.eval()
 
 
@@ -133,62 +136,79 @@ def test_encoded_defaults_keep_positional_fields():
 
 
 @torch.no_grad()
-def test_label_words_ride_in_the_label_tokens_and_only_there():
-    enc = encoder(label_words=True)
+def test_label_words_ride_in_the_label_tokens_and_come_back_as_embeddings():
+    enc = encoder(label_words=3)
     pixels = torch.rand(2, 3, 224, 224) * 2 - 1
     given = torch.zeros(2, 1000)
-    given[:, 285], given[:, 281], given[:, 7] = 0.7, 0.2, 0.05
+    given[:, 285], given[:, 281], given[:, 6] = 0.7, 0.2, 0.05
     tokens = enc(pixels, given)
     offset = 16 + 3 + 3  # name | probability, log-probability | rank one-hot | flag
-    assert enc.word_offset == offset
-    for rank, cls in enumerate((285, 281, 7)):
+    assert enc.word_offset == offset and enc.ids_offset == offset + 16
+    for rank, cls in enumerate((285, 281, 6)):
         torch.testing.assert_close(tokens[:, 49 + rank, offset:offset + 16], enc.class_words[cls].expand(2, -1))
-    assert not tokens[:, 49:, offset + 16:].any()
-    # as the cross-attention reads them: the perceiver's latents (here 4) carry no word, the label tokens theirs
-    states = torch.cat([torch.randn(2, 4, 1280), tokens[:, 49:]], dim=1)[:, None].expand(2, 2, -1, -1)
-    words = enc.words(states)
-    assert words.shape == (2, 2 * 7, 16)
-    for image in range(2):
-        block = words[:, image * 7:(image + 1) * 7]
-        assert not block[:, :4].any()
-        torch.testing.assert_close(block[:, 4:], tokens[:, 49:, offset:offset + 16])
+    assert not tokens[:, 49:, offset + 16 + 6:].any()
+    embed = torch.nn.Embedding(49152, 16)
+    for dtype in (torch.float32, torch.bfloat16):  # ids survive the model's dtype
+        states = torch.cat([torch.randn(2, 4, 1280), tokens[:, 49:]], dim=1)[:, None].expand(2, 2, -1, -1)
+        words = enc.words(states.to(dtype), embed)
+        assert words.shape == (2, 2 * 7, 3, 16)
+        for image in range(2):
+            block = words[:, image * 7:(image + 1) * 7]
+            assert not block[:, :4].any()  # latents carry no word
+            for rank, cls in enumerate((285, 281, 6)):
+                for slot, token in enumerate(enc.class_word_ids[cls].tolist()):
+                    if token < 0:
+                        assert not block[:, 4 + rank, slot].any()
+                    else:
+                        row = embed.weight[token]
+                        torch.testing.assert_close(block[0, 4 + rank, slot], row / row.norm())
     with pytest.raises(ValueError, match="label_width"):
-        EfficientNetEncoder(enc.net, label_tokens=5, label_width=700, label_words=True)
+        EfficientNetEncoder(enc.net, label_tokens=5, label_width=700, label_words=2)
 
 
 @torch.no_grad()
-def test_word_path_adds_the_attended_words_at_the_gate_and_nothing_when_closed():
-    """By hand: each head's slice of the output is that head's softmax-weighted sum of the words' slices."""
+def test_word_path_adds_the_chosen_attended_word_at_the_gate_and_nothing_when_closed():
+    """By hand: each head's slice of a slot's word is that head's softmax-weighted sum over the image tokens;
+    the slots are mixed by `word_select`'s softmax (its first entry, "none", adds nothing)."""
     torch.manual_seed(0)
-    dim, heads, image_dim, n = 32, 4, 24, 6
+    dim, heads, image_dim, n, slots = 32, 4, 24, 6, 3
     layer = GatedCrossAttentionLayer(dim, 64, image_dim, heads, qk_norms=True, eps=1e-5, dense_needs_image=True,
-                                     word_path=True)
+                                     word_slots=slots)
     images = torch.randn(1, n, image_dim)
-    words = torch.zeros(1, n, dim)
-    words[0, 4:] = torch.randn(2, dim)  # the last two tokens carry words
+    words = torch.zeros(1, n, slots, dim)
+    words[0, 4:] = torch.randn(2, slots, dim)  # the last two tokens carry words
     kv = layer.cross_attn.project_images(images, words)
+    assert kv[1].shape == (1, heads, n, (1 + slots) * dim // heads)
     x = torch.randn(1, 3, dim)
     mask, gate = torch.zeros(1, 1, 3, n), torch.tensor([[1.0, 1.0, 0.0]])  # the last token sees no image
     torch.testing.assert_close(layer(x, kv, mask, gate), x)  # all gates closed: the identity
     layer.alpha_word.fill_(0.3)
+    layer.word_select.weight.normal_()
     out = layer(x, kv, mask, gate)
-    attn = layer.cross_attn
-    q = attn.q_layer_norm(attn.q_proj(layer.input_layernorm(x)).view(1, 3, heads, dim // heads)).double()
-    k = attn.k_layer_norm(attn.k_proj(images).view(1, n, heads, dim // heads)).double()
-    weights = torch.einsum("bthd,bshd->bhts", q, k).div((dim // heads) ** 0.5).softmax(-1)
-    per_head = torch.einsum("bhts,bshd->bthd", weights, words.double().view(1, n, heads, dim // heads))
-    expected = x.double() + WORD_NORM * math.tanh(0.3) * per_head.reshape(1, 3, dim) * gate[..., None]
+    attn, hd = layer.cross_attn, dim // heads
+    normed = layer.input_layernorm(x)
+    q = attn.q_layer_norm(attn.q_proj(normed).view(1, 3, heads, hd)).double()
+    k = attn.k_layer_norm(attn.k_proj(images).view(1, n, heads, hd)).double()
+    weights = torch.einsum("bthd,bshd->bhts", q, k).div(hd ** 0.5).softmax(-1)
+    per_slot = torch.einsum("bhts,bsjhd->btjhd", weights, words.double().view(1, n, slots, heads, hd))
+    choice = layer.word_select(normed).double().softmax(-1)[..., 1:]
+    word = torch.einsum("btj,btjd->btd", choice, per_slot.reshape(1, 3, slots, dim))
+    expected = x.double() + WORD_NORM * math.tanh(0.3) * word * gate[..., None]
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(out[:, 2], x[:, 2])  # no image seen: untouched
 
 
-def test_word_embeddings_are_the_first_name_token_at_unit_norm():
-    words = sorted({w for c in class_table() for w in c["name"].split()})
+def test_word_ids_are_the_name_tokens_then_the_kind():
+    words = sorted({w for c in class_table() for w in f"{c['name']} {c['kind']}".split()})
     vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = Whitespace()
+    ids = word_token_ids(tokenizer, 4)
+    assert ids.shape == (1000, 4)
+    assert ids[285].tolist() == [vocab["Egyptian"], vocab["Mau"], -1, vocab["cat"]]  # an Egyptian Mau, a cat
+    assert ids[281].tolist() == [vocab["tabby"], vocab["cat"], -1, -1]  # the kind is already in the name
     weight = torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(0))
     table = word_embeddings(weight, tokenizer)
-    expected = weight[vocab["Egyptian"]]  # "Egyptian Mau" is said starting with "Egyptian"
+    expected = weight[vocab["Egyptian"]]
     torch.testing.assert_close(table[285], expected / expected.norm())
     torch.testing.assert_close(table.norm(dim=-1), torch.ones(1000))
