@@ -75,6 +75,26 @@ def hold(engine, delay: float = 0.0, gate: threading.Event | None = None) -> Non
     engine.step = step
 
 
+@contextmanager
+def server_full(url: str, engine):
+    """With max_batch_size=1 and max_queue=0: one request holds the only slot (its steps wait) until the block
+    ends, so every other request meets a full server."""
+    import httpx
+
+    gate = threading.Event()
+    hold(engine, gate=gate)
+    first = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={
+        "inputs": "hi", "parameters": {"max_new_tokens": 3}}, timeout=60))
+    first.start()
+    wait_for(lambda: engine.in_flight == 1)
+    try:
+        yield
+    finally:
+        gate.set()
+        first.join(timeout=60)
+        wait_for(lambda: engine.in_flight == 0)
+
+
 def wait_for(condition, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

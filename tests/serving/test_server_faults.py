@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from idefics.generation import GenerationParams, choose
-from tests.serving.helpers import alone, hold, live_server, one_thread, pipe, wait_for  # noqa: F401
+from tests.serving.helpers import (alone, hold, live_server, one_thread, pipe, server_full,  # noqa: F401
+                                   wait_for)
 
 openai = pytest.importorskip("openai")
 
@@ -141,21 +142,13 @@ def test_tokenize_has_the_same_limits_and_leaves_the_event_loop_free(pipe):
 
 
 def test_full_server_refuses_before_reading_the_body(pipe):
-    with live_server(pipe, max_batch_size=1, max_queue=0) as (url, engine):
-        gate = threading.Event()
-        hold(engine, gate=gate)
-        first = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={
-            "inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60))
-        first.start()
-        wait_for(lambda: engine.in_flight == 1)
+    with live_server(pipe, max_batch_size=1, max_queue=0) as (url, engine), server_full(url, engine):
         # a body announced but never sent: the refusal cannot have waited for it
         sock = raw_request(url, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: 1000000\r\n")
         reply = sock.recv(4096).decode()
         sock.close()
         assert reply.startswith("HTTP/1.1 429") and "retry-after: 1" in reply.lower()
-        gate.set()
-        first.join(timeout=60)
 
 
 def test_slow_and_vanishing_bodies(pipe, caplog):

@@ -15,7 +15,8 @@ import pytest
 
 from idefics.images import ImageError, ImagePolicy, load_image
 from tests.helpers import png_bytes, random_image
-from tests.serving.helpers import alone, card_prompt, hold, live_server, one_thread, pipe, wait_for  # noqa: F401
+from tests.serving.helpers import (alone, card_prompt, hold, live_server, one_thread, pipe, server_full,  # noqa: F401
+                                   wait_for)
 from tests.helpers import REPO
 
 text_generation = pytest.importorskip("text_generation")
@@ -135,20 +136,12 @@ def test_api_key(pipe):
 
 def test_overloaded_server_answers_429(pipe):
     with live_server(pipe, max_batch_size=1, max_queue=0) as (url, engine):
-        gate = threading.Event()
-        hold(engine, gate=gate)
-        first = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={
-            "inputs": "hi", "parameters": {"max_new_tokens": 3}}, timeout=60))
-        first.start()
-        wait_for(lambda: engine.in_flight == 1)
-        with pytest.raises(text_generation.errors.OverloadedError):
-            text_generation.Client(url).generate("hi", max_new_tokens=2)
-        with pytest.raises(openai.RateLimitError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        gate.set()
-        first.join(timeout=60)
-        wait_for(lambda: engine.in_flight == 0)
+        with server_full(url, engine):
+            with pytest.raises(text_generation.errors.OverloadedError):
+                text_generation.Client(url).generate("hi", max_new_tokens=2)
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0).chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert text_generation.Client(url, timeout=60).generate("hi", max_new_tokens=2).generated_text is not None
 
 
