@@ -15,7 +15,8 @@ import torch
 
 import idefics
 from idefics.serving.protocol import Limits
-from idefics.serving.server import ServerSettings, create_app
+from idefics.serving.server import create_app
+from idefics.serving.service import ServerSettings
 
 
 @pytest.fixture(scope="module", autouse=True)
