@@ -26,7 +26,7 @@ import torch
 from ..decoding import DecodeState
 from ..generation import GenerationParams, TextStream, choose, process_logits, stop_reason
 from ..image_cache import with_cached_images
-from .protocol import GenerationResult, TokenInfo
+from .responses import GenerationResult, TokenInfo
 
 
 @dataclass

@@ -12,8 +12,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .engine import ErrorEvent, Job
-from .protocol import (ApiError, GenerationRequest, StopTextFilter, chat_chunk, chat_completion, openai_error,
-                       openai_logprobs, parse_chat_request, sse, usage)
+from .protocol import ApiError, GenerationRequest, parse_chat_request
+from .responses import StopTextFilter, chat_chunk, chat_completion, openai_error, openai_logprobs, sse, usage
 from .service import Service, authorized, dropped, service_of
 from .tgi_routes import SSE_HEADERS
 

@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..model_options import add_model_options, load_from_args
 from . import openai_routes, tgi_routes
-from .protocol import ApiError, Limits, openai_error, tgi_error
+from .protocol import ApiError, Limits
+from .responses import openai_error, tgi_error
 from .service import ClientGone, ServerSettings, Service
 
 API_KEY_ENV = "IDEFICS_API_KEY"

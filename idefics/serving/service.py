@@ -16,7 +16,8 @@ from .. import __version__
 from .engine import Engine, ErrorEvent, Job, Overloaded
 from .inputs import image_policy, overloaded, prepare
 from .metrics import ServerMetrics
-from .protocol import ApiError, GenerationRequest, GenerationResult, Limits, parse_json_object
+from .protocol import ApiError, GenerationRequest, Limits, parse_json_object
+from .responses import GenerationResult
 
 
 @dataclass

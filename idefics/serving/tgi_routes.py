@@ -13,8 +13,8 @@ from starlette.background import BackgroundTask
 from .. import __version__
 from .engine import ErrorEvent, Job
 from .inputs import tokenize
-from .protocol import (ApiError, GenerationRequest, parse_tgi_request, sse, tgi_error, tgi_response,
-                       tgi_stream_event)
+from .protocol import ApiError, GenerationRequest, parse_tgi_request
+from .responses import sse, tgi_error, tgi_response, tgi_stream_event
 from .service import Service, authorized, dropped, service_of
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

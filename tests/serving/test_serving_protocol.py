@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from idefics.serving.protocol import (ApiError, GenerationResult, Limits, StopTextFilter, TokenInfo, chat_chunk,
-                                      chat_completion, chat_items, decode_data_uri, image_source, openai_error,
-                                      parse_chat_request, parse_json_object, parse_tgi_request, split_markdown_images,
-                                      sse, tgi_error, tgi_response, tgi_stream_event, without_stop_text)
+from idefics.serving.protocol import (ApiError, Limits, chat_items, decode_data_uri, image_source,
+                                      parse_chat_request, parse_json_object, parse_tgi_request, split_markdown_images)
+from idefics.serving.responses import (GenerationResult, StopTextFilter, TokenInfo, chat_chunk, chat_completion,
+                                       openai_error, sse, tgi_error, tgi_response, tgi_stream_event,
+                                       without_stop_text)
 from tests.helpers import VECTORS
 
 VECTORS = VECTORS
