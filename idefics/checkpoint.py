@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import IdeficsConfig
+from .family import family_of, read_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -181,27 +181,8 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
         raise CheckpointError(f"tensors left without values after loading: {', '.join(leftovers)}")
 
 
-def read_config(path: Path):
-    """The config class named by `model_type` in config.json: IDEFICS v1 ("idefics") or Idefics2."""
-    try:
-        model_type = json.loads(path.read_text()).get("model_type", "idefics")
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        raise ValueError(f"cannot read model config {path}: {error}") from None
-    if model_type == "idefics2":
-        from .idefics2.config import Idefics2Config
-
-        return Idefics2Config.from_json(path)
-    return IdeficsConfig.from_json(path)
-
-
 def empty_model(config) -> nn.Module:
-    if config.model_type == "idefics2":
-        from .idefics2.model import Idefics2
-
-        return Idefics2(config)
-    from .model import Idefics
-
-    return Idefics(config)
+    return family_of(config).build(config)
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .family import family_of
 from .model_options import add_model_options, load_from_args
 
 # Modules that add a sub-command through `register(subparsers)`; a missing one is skipped, not fatal.
@@ -89,38 +90,11 @@ def count(module) -> int:
     return sum(p.numel() for p in module.parameters()) + quantized
 
 
-def describe_idefics(config, inner) -> list[str]:
-    vc, pc = config.vision_config, config.perceiver_config
-    lines = [f"language model: {config.num_hidden_layers} layers x {config.hidden_size} wide, "
-             f"{config.num_attention_heads} heads ({config.kv_heads} kv), mlp {config.intermediate_size}, "
-             f"rms eps {config.rms_norm_eps}, rope theta {config.rope_theta}, context {config.max_position_embeddings}",
-             f"vision: {vc.model_type}, width {vc.embed_dim}, {vc.image_size}px, "
-             f"{inner.vision_model.num_tokens} tokens per image"]
-    if config.use_resampler:
-        lines.append(f"perceiver: {pc.resampler_n_latents} latents, depth {pc.resampler_depth}, "
-                     f"{pc.resampler_n_heads} heads x {pc.resampler_head_dim}, qk norms {pc.qk_layer_norms_perceiver}")
-    lines.append(f"cross-attention: {config.num_cross_layers} blocks, before every {config.cross_layer_interval} "
-                 f"layer(s), qk norms {config.qk_layer_norms}, {config.alpha_type} gates")
-    return lines
-
-
-def describe_idefics2(config) -> list[str]:
-    t, v, p = config.text_config, config.vision_config, config.perceiver_config
-    return [f"language model (Mistral): {t.num_hidden_layers} layers x {t.hidden_size} wide, {t.num_attention_heads} "
-            f"heads ({t.num_key_value_heads} kv), mlp {t.intermediate_size}, sliding window {t.sliding_window}, "
-            f"context {t.max_position_embeddings}",
-            f"vision (SigLIP): {v.num_hidden_layers} layers x {v.hidden_size}, patch {v.patch_size}, up to "
-            f"{v.image_size}px at native resolution",
-            f"connector: perceiver {p.resampler_n_latents} latents, depth {p.resampler_depth}, "
-            f"{p.resampler_n_heads} heads ({p.num_key_value_heads} kv) x {p.resampler_head_dim}; image tokens go "
-            "into the text sequence"]
-
-
 def run_info(args: argparse.Namespace) -> int:
     pipe = load_from_args(args)
     model, config, tok = pipe.model, pipe.config, pipe.tokenizer
     print(f"model: {pipe.name}  ({config.model_type}, {str(model.dtype).removeprefix('torch.')}, {model.device})")
-    lines = describe_idefics2(config) if config.model_type == "idefics2" else describe_idefics(config, model.model)
+    lines = family_of(config).describe(config, model)
     print("\n".join(lines))
     print("parameters:")
     parts = {name: count(child) for name, child in model.model.named_children()}

@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import torch
 
+from .family import family_of
+
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -95,10 +97,10 @@ class ImageFeatureCache:
 
 
 def with_cached_images(model, inputs: dict[str, torch.Tensor], cache: ImageFeatureCache | None) -> dict:
-    """Processor outputs + `image_hidden_states` from the cache (IDEFICS v1 models with images only); the
-    model then skips the vision encoder and perceiver."""
+    """Processor outputs + `image_hidden_states` from the cache (models whose images reach the text through
+    cross-attention, with images); the model then skips the vision encoder and perceiver."""
     if (cache is None or inputs.get("pixel_values") is None or inputs.get("image_hidden_states") is not None
-            or getattr(model.config, "model_type", None) != "idefics" or not hasattr(model.model, "encode_images")):
+            or family_of(model.config).images_in_sequence or not hasattr(model.model, "encode_images")):
         return inputs
     mask = inputs.get("image_attention_mask")
     if mask is None or not bool(mask.bool().any()):

@@ -12,6 +12,8 @@ from .layers import KVCache, RMSNorm, SwiGLU, apply_rotary, attention
 
 
 class SelfAttention(nn.Module):
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # one matmul on CPU (`cpu.packing.fuse_for_cpu`)
+
     def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads

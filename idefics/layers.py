@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}  # one matmul on CPU (`cpu.packing.fuse_for_cpu`)
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)

@@ -10,11 +10,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import load_model
+from .family import ModelFamily, family_of
 from .generation import GenerationParams, TextStream, decode
 from .image_cache import ImageFeatureCache, with_cached_images
 from .images import ImagePolicy
 from .model import Idefics
-from .processor import ImageSettings, Processor, is_batch
+from .processor import Processor, is_batch
 from .tokenizer import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, Tokenizer
 
 
@@ -40,6 +41,10 @@ class Pipeline:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model.config)
 
     def stop_token_ids(self) -> list[int]:
         """End of sequence, plus `<end_of_utterance>` for instruct tokenizers."""
@@ -166,12 +171,5 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
     # pack: on CPU, Linear weights in the oneDNN layout for inference (faster matmuls; cpu/quantize.py)
     model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize, pack=True)
     tokenizer = Tokenizer.from_folder(path)
-    if model.config.model_type == "idefics2":
-        from .idefics2.processor import Idefics2Processor
-
-        processor = Idefics2Processor.from_folder(path, tokenizer, model.config.image_seq_len, image_policy,
-                                                  max_length=model.config.max_position_embeddings)
-        return Pipeline(model, tokenizer, processor, name=path.name)
-    images = ImageSettings.from_folder(path, model.config.vision_config.image_size)
-    processor = Processor(tokenizer, images, image_policy, max_length=model.config.max_position_embeddings)
+    processor = family_of(model.config).make_processor(path, tokenizer, model.config, image_policy)
     return Pipeline(model, tokenizer, processor, name=path.name)

@@ -252,19 +252,12 @@ def fused_of(*linears: nn.Module) -> nn.Module | None:
     return None
 
 
-# Sibling linears that read the same input, by the attribute names the decoder blocks use.
-FUSABLE = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("gate_proj", "up_proj", "gate_up_proj"))
-
-
 def fusable_groups(model: nn.Module):
-    """(qualified name, module, part names, fused name) of every self-attention and SwiGLU block."""
-    from ..language_model import SelfAttention
-    from ..layers import SwiGLU
-
+    """(qualified name, module, part names, fused name) of every block that declares sibling linears reading the
+    same input (`FUSED = {fused name: part names}` on its class: self-attention's q/k/v, SwiGLU's gate/up)."""
     for name, module in model.named_modules():
-        if isinstance(module, (SelfAttention, SwiGLU)):
-            for *names, fused_name in FUSABLE:
-                yield name, module, names, fused_name
+        for fused_name, names in getattr(type(module), "FUSED", {}).items():
+            yield name, module, list(names), fused_name
 
 
 def install_fused(module: nn.Module, names: list[str], fused_name: str, fused: nn.Module) -> None:
@@ -329,12 +322,10 @@ def packed_output(model: nn.Module):
     """weight → packed output layer for `model.lm_head`, or None: IDEFICS' `DecoupledLinear` becomes a
     `PackedOutput`, a plain bias-free Linear (Idefics2's) a `PackedLinear`; one tied to the embedding stays as it is
     (packing would store the weight twice)."""
-    from ..layers import DecoupledLinear
-
     head = getattr(model, "lm_head", None)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return None
-    if type(head) is DecoupledLinear:
+    if head is not None and hasattr(head, "additional_fc"):  # a decoupled output layer (new tokens beside)
         return lambda w, fc=head.additional_fc: PackedOutput(w, fc)
     if type(head) is nn.Linear and head.bias is None:
         return lambda w: PackedLinear(w, None)

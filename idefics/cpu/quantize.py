@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from ..family import family_of
 from .packing import (FusedCollector, FusedRows, PackedLinear, fusable_groups, install_fused,
                       pack_converters, unfuse)
 
 MODES = ("int8", "int4")
-# Parameter-name prefixes of the quantized parts: IDEFICS decoder + cross-attention, Idefics2's Mistral decoder.
-TARGET_PREFIXES = ("model.layers.", "model.gated_cross_attn_layers.", "model.text_model.layers.")
 INT4_GROUP = 128
 
 
@@ -250,9 +249,9 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> nn.Module:
     return Int8Linear.from_weight(weight)
 
 
-def is_target(name: str, module: nn.Module) -> bool:
+def is_target(name: str, module: nn.Module, prefixes: tuple[str, ...]) -> bool:
     linear = isinstance(module, nn.Linear) or type(module) is PackedLinear
-    return linear and module.bias is None and name.startswith(TARGET_PREFIXES)
+    return linear and module.bias is None and name.startswith(prefixes)
 
 
 def plain_weight(module: nn.Module) -> torch.Tensor:
@@ -260,8 +259,10 @@ def plain_weight(module: nn.Module) -> torch.Tensor:
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name → Linear for every layer `quantize_model` converts."""
-    return {name: m for name, m in model.named_modules() if is_target(name, m)}
+    """Qualified name → Linear for every layer `quantize_model` converts: the bias-free linears of the parts its
+    family quantizes (`ModelFamily.quantized`)."""
+    prefixes = family_of(model.config).quantized
+    return {name: m for name, m in model.named_modules() if is_target(name, m, prefixes)}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

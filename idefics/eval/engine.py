@@ -82,7 +82,7 @@ class ImageFeatureStore:
         model = self.pipe.model
         source = item if isinstance(item, (Image.Image, str)) else data
         image = load_image(source, f"{what} ({item})" if isinstance(item, Path) else what, self.pipe.processor.policy)
-        if is_idefics2(self.pipe):  # [crops, latents, D]
+        if self.pipe.family.images_in_sequence:  # [crops, latents, D]
             inputs = self.pipe.processor(images=[[image]])
             latents = model.model.encode_images(inputs["pixel_values"].to(model.device, model.dtype),
                                                 inputs["pixel_attention_mask"].to(model.device))
@@ -103,14 +103,10 @@ class ImageFeatureStore:
         return torch.stack([self.get(item, name).pooled for item, name in zip(items, names)])
 
 
-def is_idefics2(pipe: Any) -> bool:
-    return getattr(pipe.config, "model_type", "idefics") == "idefics2"
-
-
 def prompt_texts(pipe: Any, prompts: Sequence[Sequence[Any]]) -> tuple[list[str], list[list[Any]]]:
     """The processor's prompt strings (no `<end_of_utterance>` added; image tokens written out) and each
     prompt's image items. `tokenize` turns the strings into the processor's token ids."""
-    if is_idefics2(pipe):
+    if pipe.family.images_in_sequence:
         texts, images = pipe.processor.split_interleaved([list(p) for p in prompts], add_eou=False)
         return pipe.processor.expand(texts), images
     texts, images = [], []
@@ -123,7 +119,7 @@ def prompt_texts(pipe: Any, prompts: Sequence[Sequence[Any]]) -> tuple[list[str]
 
 def tokenize(pipe: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of `prompt_texts` strings (Idefics2's `<s>` comes from the tokenizer, IDEFICS's is in the text)."""
-    return pipe.tokenizer.encode_batch(list(texts), add_special_tokens=is_idefics2(pipe))
+    return pipe.tokenizer.encode_batch(list(texts), add_special_tokens=pipe.family.tokenizer_adds_bos)
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageFeatureStore) -> dict[str, torch.Tensor]:
@@ -141,7 +137,7 @@ def encode_prompts(pipe: Any, prompts: Sequence[Sequence[Any]], features: ImageF
     width, pad = max(map(len, ids)), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
-    if is_idefics2(pipe):  # every image's crops, in batch order: they fill the <image> positions row by row
+    if pipe.family.images_in_sequence:  # every image's crops, in batch order: they fill the <image> positions
         flat = [crops for row in images for crops in row]
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat:
@@ -210,7 +206,7 @@ def class_log_likelihoods(pipe: Any, prompts: Sequence[Sequence[Any]], class_nam
     alone = encode_prompts(pipe, prompts, features)
     # IDEFICS: which image each position sees (cross-attention); Idefics2: the images are prompt positions,
     # all in the shared prefix, so the class-name suffixes need no image input
-    cross = not is_idefics2(pipe)
+    cross = not pipe.family.images_in_sequence
     num_images = alone["image_hidden_states"].shape[1] if cross else 1
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(alone["input_ids"], alone["attention_mask"])]
     texts, _ = prompt_texts(pipe, prompts)

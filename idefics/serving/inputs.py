@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..generation import GenerationParams
 from ..images import ImageError, ImagePolicy, decode_image_bytes, is_image_item, load_image, preprocess
-from ..processor import Processor, prompt_text
+from ..processor import prompt_text
 from .protocol import ApiError, GenerationRequest, Limits, decode_data_uri, image_source, invalid, shorten
 
 
@@ -79,10 +79,10 @@ def prepare(pipe, req: GenerationRequest, limits: Limits, policy: ImagePolicy) -
     """Request → model inputs (a batch of one) and decoding parameters, or ApiError."""
     count_images(req.items, limits)
     check_text_size(pipe, req.items, limits)
-    if isinstance(pipe.processor, Processor):
-        inputs, max_new = idefics_inputs(pipe, req, limits, policy)
-    else:
+    if pipe.family.images_in_sequence:
         inputs, max_new = generic_inputs(pipe, req, limits, policy)
+    else:
+        inputs, max_new = idefics_inputs(pipe, req, limits, policy)
     try:
         params = pipe.params(max_new_tokens=max_new, do_sample=req.do_sample, temperature=req.temperature,
                              top_k=req.top_k, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
@@ -149,10 +149,10 @@ def tokenize(pipe, req: GenerationRequest, limits: Limits) -> list[dict]:
     then the input tokens). No image is loaded."""
     count_images(req.items, limits)
     check_text_size(pipe, req.items, limits)
-    if isinstance(pipe.processor, Processor):
-        text, special = model_text(pipe, req.items), False
-    else:  # the prompt as written, images as `<image>` markers
+    if pipe.family.images_in_sequence:  # the prompt as written, images as `<image>` markers
         text, special = "".join(v if k == "text" else "<image>" for k, v in req.items), True
+    else:
+        text, special = model_text(pipe, req.items), False
     encoding = pipe.tokenizer.backend.encode(text, add_special_tokens=special)
     if len(encoding.ids) > limits.max_input_tokens:
         raise invalid(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {len(encoding.ids)}")
