@@ -83,6 +83,29 @@ async def on_unexpected(request: Request, error: Exception):
     return error_response(request, ApiError(500, f"internal error: {type(error).__name__}", "internal"))
 
 
+def http_protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose first request's headers have not all arrived within
+    `header_timeout` seconds (uvicorn itself waits forever, so slow clients could hold any number of connections
+    open). Bodies have their own limit (`ServerSettings.body_timeout`)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.header_deadline = self.loop.call_later(header_timeout, self.headers_overdue)
+
+        def headers_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request headers in %g s", header_timeout)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 EPILOG = """examples:
@@ -142,6 +165,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-image-urls", nargs="+", metavar="HOST", default=None, help="fetch http(s) image URLs "
                    "from these hosts only ('*': any host); off by default")
     p.add_argument("--image-fetch-timeout", type=float, default=5.0, help="seconds (default: %(default)s)")
+    d_settings = ServerSettings()
+    p.add_argument("--header-timeout", type=float, default=d_settings.header_timeout, help="seconds a new connection "
+                   "has to send its request headers (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=d_settings.body_timeout, help="seconds to receive a "
+                   "request body (default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV})")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     p.set_defaults(func=serve)
@@ -156,7 +184,8 @@ def settings_from_args(args: argparse.Namespace, model_name: str) -> ServerSetti
     return ServerSettings(model_name=args.name or model_name, limits=limits, max_batch_size=args.max_batch_size,
                           max_queue=args.max_queue, request_timeout=args.request_timeout,
                           image_hosts=tuple(args.allow_image_urls) if args.allow_image_urls else None,
-                          image_fetch_timeout=args.image_fetch_timeout,
+                          image_fetch_timeout=args.image_fetch_timeout, body_timeout=args.body_timeout,
+                          header_timeout=args.header_timeout,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 
@@ -167,7 +196,8 @@ def serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args, pipe.name)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: listening on {args.host} without an API key (--api-key or {API_KEY_ENV})")
-    uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level=args.log_level,
+                http=http_protocol(settings.header_timeout))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ class ServerSettings:
     api_key: str | None = None
     validation_workers: int = 2  # requests whose text and images are checked at the same time
     body_timeout: float = 30.0  # seconds to receive a whole request body
+    header_timeout: float = 10.0  # seconds a new connection has to send its request headers
 
 
 def fit_limits(limits: Limits, context: int) -> Limits:

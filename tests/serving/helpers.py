@@ -15,7 +15,7 @@ import torch
 
 import idefics
 from idefics.serving.protocol import Limits
-from idefics.serving.server import create_app
+from idefics.serving.server import create_app, http_protocol
 from idefics.serving.service import ServerSettings
 
 
@@ -42,7 +42,8 @@ def live_server(pipe, **settings):
     app = create_app(pipe, ServerSettings(model_name="idefics-test", **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    header_timeout = app.state.service.settings.header_timeout
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=http_protocol(header_timeout)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -169,6 +169,20 @@ def test_slow_and_vanishing_bodies(pipe, caplog):
         assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_connections_without_complete_headers_are_closed(pipe):
+    with live_server(pipe, header_timeout=1.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        start = time.monotonic()
+        silent = socket.create_connection((host, int(port)), timeout=10)  # connects, sends nothing
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+        for sock in (silent, slow):
+            assert sock.recv(100) == b""  # closed by the server
+            sock.close()
+        assert time.monotonic() - start < 8
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_openapi_schema_is_behind_the_key(pipe):
     with live_server(pipe, api_key="k") as (url, _):
         assert httpx.get(f"{url}/openapi.json").status_code == 401
