@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 from idefics.checkpoint import load_model  # noqa: E402
+from idefics.cpu.quantize import CpuLayout  # noqa: E402
 from idefics.generation import GenerationParams, decode  # noqa: E402
 from idefics.image_cache import ImageFeatureCache, with_cached_images  # noqa: E402
 
@@ -231,7 +232,7 @@ def child_memory(impl: str, folder: str, dtype: str, quantize: str | None, threa
         model = family.reference(folder, dtype)
         run = reference_generate
     else:
-        model = load_model(folder, dtype=dtype, quantize=quantize, pack=True)  # as idefics.load does
+        model = load_model(folder, dtype=dtype, convert=CpuLayout(quantize, pack=True))  # as idefics.load does
         run = ours_generate
     loaded = time.perf_counter() - start
     load_peak = common.peak_rss_bytes()
@@ -279,7 +280,7 @@ class Table:
 
 def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[float]) -> None:
     family = Family.of(folder)
-    ours = load_model(folder, dtype=dtype, pack=True)
+    ours = load_model(folder, dtype=dtype, convert=CpuLayout(pack=True))
     ref = family.reference(folder, dtype)
     runs = (("ours", ours_generate, ours), ("reference", reference_generate, ref))
     cases = [(1, 128), (4, 128)] + ([] if args.quick else [(1, 512), (4, 512)])
@@ -331,11 +332,11 @@ def bench_dtype(dtype: str, folder: Path, args, table: Table, bandwidth: list[fl
 def bench_quantized(folder: Path, args, table: Table, bandwidth: list[float]) -> None:
     """int8/int4 against our bf16 model: speed (ours only, vs the reference's bf16 rate) and quality."""
     family = Family.of(folder)
-    base = load_model(folder, dtype="bfloat16", pack=True)
+    base = load_model(folder, dtype="bfloat16", convert=CpuLayout(pack=True))
     prompts = quality_prompts(family)
     bf16_rates = {row[1]: float(row[3].split()[0]) for row in table.rows if row[0] == "bfloat16" and row[3] != "-"}
     for mode in args.quantize:
-        model = load_model(folder, dtype="bfloat16", quantize=mode, pack=True)
+        model = load_model(folder, dtype="bfloat16", convert=CpuLayout(mode, pack=True))
         q = quality(base, model, prompts)
         note = (f"top-1 agreement with bf16 {q['top1']:.1%}, max |logit diff| {q['max_diff']:.3g} "
                 f"(mean {q['mean_diff']:.2g}, logits up to {q['scale']:.3g})")

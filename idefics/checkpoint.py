@@ -108,10 +108,10 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
 
 def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch.Tensor], list[int]]],
                    dtype: torch.dtype, device: torch.device | str, source: str,
-                   allow_missing: tuple[str, ...] = (), quantize: str | None = None, pack: bool = False) -> None:
-    """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. With `quantize`
-    ("int8"/"int4") the decoder and cross-attention Linear weights are quantized one by one as they are read;
-    with `pack` the other Linear weights become oneDNN-packed CPU layers (cpu.packing.PackedLinear)."""
+                   allow_missing: tuple[str, ...] = (), converters: dict | None = None) -> None:
+    """Assign checkpoint tensors to a (meta-device) model after checking names and shapes. `converters` (weight
+    name → (module name, build(weight) → module)) turn some weights into other layers one by one as they are read
+    (quantized or packed CPU layers: `cpu.quantize.CpuLayout`)."""
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = {"lm_head.weight"} if getattr(model, "config", None) is not None and getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in expected if k not in tensors and k not in tied and not k.startswith(allow_missing))
@@ -126,10 +126,8 @@ def check_and_load(model: nn.Module, tensors: dict[str, tuple[Callable[[], torch
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model built from its config.json:\n"
                               + "\n".join(problems))
-    if quantize is not None or pack:
-        from .cpu.quantize import weight_converters
-
-        load_converting(model, tensors, expected, dtype, device, weight_converters(model, quantize, pack, dtype))
+    if converters:
+        load_converting(model, tensors, expected, dtype, device, converters)
         return
     state = {}
     for name, (load, _) in tensors.items():
@@ -145,8 +143,6 @@ def load_converting(model: nn.Module, tensors: dict, expected: dict, dtype: torc
     (module name, build(weight) → module); quantized or packed layers, see cpu/quantize.py). Each float weight is
     dropped right after conversion, so peak memory is the converted model plus one weight (their loaders come
     from `read_tensors`: no memory map keeps their pages resident)."""
-    from .cpu.quantize import replace_module
-
     state = {}
     for name in list(tensors):
         load, _ = tensors.pop(name)
@@ -158,7 +154,8 @@ def load_converting(model: nn.Module, tensors: dict, expected: dict, dtype: torc
             module_name, build = converters[name]
             module = build(tensor)
             if module is not None:
-                replace_module(model, module_name, module)
+                parent, _, leaf = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, module)
         else:
             state[name] = tensor
         del tensor, load
@@ -186,13 +183,12 @@ def empty_model(config) -> nn.Module:
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               extra_tensors: dict[str, torch.Tensor] | None = None, quantize: str | None = None,
-               pack: bool = False):
+               extra_tensors: dict[str, torch.Tensor] | None = None, convert=None):
     """Build an `Idefics` or `Idefics2` model (per config.json `model_type`) from a checkpoint folder.
     `extra_tensors` supplies tensors that live outside the folder (the frozen backbones of idefics-mini).
-    `quantize` ("int8" | "int4"): weight-only quantization of the decoder and cross-attention, applied while
-    streaming the weights in; `pack`: Linear layers in oneDNN's prepacked layout for CPU inference (faster
-    matmuls, same state dict; see cpu/quantize.py). Off CPU or for other dtypes `pack` does nothing."""
+    `convert` (e.g. `cpu.quantize.CpuLayout(quantize="int8", pack=True)`, as `idefics.load` passes it) turns
+    weights into other layers while streaming them in (`converters(model, dtype, device)`); its `quantize`, if
+    any, is recorded as `model.quantization`."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json (is this a checkpoint folder?)")
@@ -200,24 +196,18 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
     target = resolve_dtype(dtype, DTYPES.get(config.torch_dtype or "", torch.float32))
     with torch.device("meta"):
         model = empty_model(config)
-    from .cpu.quantize import check_mode
-
-    quantize = check_mode(quantize)
-    pack = pack and torch.device(device).type == "cpu" and target in (torch.float32, torch.bfloat16)
     files = safetensors_files(folder)
     tensors = {name: (load, shape) for name, load, shape in iter_tensors(files)}
-    if quantize is not None or pack:
+    converters = convert.converters(model, target, device) if convert is not None else {}
+    if converters:
         # Weights to convert are read with plain file reads (nothing of them stays mapped and resident once
         # converted); the rest stays memory-mapped, as in the plain path.
-        from .cpu.quantize import weight_converters
-
-        targets = weight_converters(model, quantize, pack, target)
-        tensors.update({name: (load, shape) for name, load, shape in read_tensors(files) if name in targets})
+        tensors.update({name: (load, shape) for name, load, shape in read_tensors(files) if name in converters})
     for name, tensor in (extra_tensors or {}).items():
         tensors.setdefault(name, (lambda t=tensor: t, list(tensor.shape)))
-    check_and_load(model, tensors, target, device, str(folder), quantize=quantize, pack=pack)
-    if quantize is not None:
-        model.quantization = quantize
+    check_and_load(model, tensors, target, device, str(folder), converters=converters)
+    if getattr(convert, "quantize", None) is not None:
+        model.quantization = convert.quantize
     materialize(model, device, target)
     model.eval()
     return model

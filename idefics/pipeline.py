@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import load_model
+from .cpu.quantize import CpuLayout
 from .family import ModelFamily, family_of
 from .generation import GenerationParams, TextStream, decode
 from .image_cache import ImageFeatureCache, with_cached_images
@@ -169,7 +170,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
 
     extra = backbone_tensors(path)
     # pack: on CPU, Linear weights in the oneDNN layout for inference (faster matmuls; cpu/quantize.py)
-    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, quantize=quantize, pack=True)
+    model = load_model(path, dtype=dtype, device=device, extra_tensors=extra, convert=CpuLayout(quantize, pack=True))
     tokenizer = Tokenizer.from_folder(path)
     processor = family_of(model.config).make_processor(path, tokenizer, model.config, image_policy)
     return Pipeline(model, tokenizer, processor, name=path.name)

@@ -1,8 +1,8 @@
 """CPU inference layouts: linear weights reordered once for a fast kernel (`PackedLinear`: this project's
 kernel where the CPU has AVX-512 BF16, `kernels.py`, else oneDNN's blocked format), and sibling projections
 that read the same input fused into one matmul (`FusedLinear`). Both keep the model's state dict unchanged, so a
-packed model saves and loads like a plain one. `checkpoint.load_model(..., pack=True)` builds them while the
-weights stream in (`quantize.weight_converters`); `pack_for_cpu` converts a loaded model."""
+packed model saves and loads like a plain one. `checkpoint.load_model(..., convert=CpuLayout(pack=True))` builds
+them while the weights stream in (`quantize.weight_converters`); `pack_for_cpu` converts a loaded model."""
 
 from __future__ import annotations
 

@@ -12,10 +12,12 @@ weights are stored in integers and expanded inside the matmul kernel.
 
 The vision encoder, perceiver, embeddings and output layer stay in floating point: they are read once per
 prompt (vision, perceiver) or are small next to the decoder, and the output layer decides the token.
-`quantize_model` converts a loaded model in place; `checkpoint.load_model(..., quantize=)` converts each weight
-as it is read, so the full-precision decoder is never in memory at once."""
+`quantize_model` converts a loaded model in place; `checkpoint.load_model(..., convert=CpuLayout(quantize))`
+converts each weight as it is read, so the full-precision decoder is never in memory at once."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +220,26 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group={self.group}"
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """What `checkpoint.load_model(..., convert=CpuLayout(...))` turns weights into while streaming them in:
+    weight-only quantization of the decoder and cross-attention (`quantize`: "int8" | "int4") and/or the other
+    linears packed in oneDNN's layout (`pack`: CPU, float32/bfloat16 only; elsewhere it does nothing)."""
+
+    quantize: str | None = None
+    pack: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantize", check_mode(self.quantize))
+
+    def converters(self, model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> dict:
+        """Weight name → (module name, build(weight) → module or None), as `weight_converters`."""
+        pack = self.pack and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        if self.quantize is None and not pack:
+            return {}
+        return weight_converters(model, self.quantize, pack, dtype)
 
 
 def weight_converters(model: nn.Module, quantize: str | None, pack: bool, dtype: torch.dtype) -> dict:

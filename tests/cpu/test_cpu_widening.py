@@ -15,7 +15,7 @@ import idefics
 from idefics.checkpoint import load_model, save_model
 from idefics.cpu import kernels, packing
 from idefics.cpu.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, pack_for_cpu
-from idefics.cpu.quantize import Int8Linear
+from idefics.cpu.quantize import CpuLayout, Int8Linear
 from tests.rounding import summation_bound, within_one_rounding
 
 needs_kernel = pytest.mark.skipif(not kernels.widening_available(),
@@ -158,7 +158,8 @@ def test_widened_linear_within_one_rounding_of_aten(widened, rows, bias):
 
 def test_widened_model_keeps_greedy_tokens_and_state_dict(widened, folder, images, tmp_path):
     plain = load_model(folder, dtype="bfloat16")
-    for model in (load_model(folder, dtype="bfloat16", pack=True), pack_for_cpu(load_model(folder, dtype="bfloat16"))):
+    for model in (load_model(folder, dtype="bfloat16", convert=CpuLayout(pack=True)),
+                  pack_for_cpu(load_model(folder, dtype="bfloat16"))):
         assert isinstance(model.lm_head, PackedOutput) and model.lm_head.weight.dim() == 2
         layer = model.model.layers[0]
         assert isinstance(layer.self_attn.qkv_proj, FusedLinear) and isinstance(layer.self_attn.q_proj, FusedPart)
@@ -176,7 +177,7 @@ def test_widened_model_keeps_greedy_tokens_and_state_dict(widened, folder, image
     pipe.model = plain
     slow = [g.token_ids for g in pipe.generate_detailed(prompts, max_new_tokens=6, stop_token_ids=[])]
     assert fast == slow
-    save_model(load_model(folder, dtype="bfloat16", pack=True), tmp_path / "saved")
+    save_model(load_model(folder, dtype="bfloat16", convert=CpuLayout(pack=True)), tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved", dtype="bfloat16").state_dict()
     assert all(torch.equal(t, plain.state_dict()[k]) for k, t in reloaded.items())
 

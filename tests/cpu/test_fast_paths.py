@@ -13,6 +13,7 @@ import idefics
 from idefics.checkpoint import load_model, save_model
 from idefics.cpu.ops import run_together
 from idefics.cpu.packing import FusedLinear, FusedPart, PackedLinear, PackedOutput, layout, pack_for_cpu
+from idefics.cpu.quantize import CpuLayout
 from idefics.layers import DecoupledLinear, attention
 
 needs_bf16_packing = pytest.mark.skipif(layout(torch.bfloat16) == "widened", reason="bf16 is widened to float32 "
@@ -75,7 +76,7 @@ def test_quantizing_a_fused_model_unfuses_first(folder):
     extension), the int8 siblings are fused again (`FusedInt8Linear`), keeping each part's keys and values."""
     from idefics.cpu.quantize import FusedInt8Linear, Int8Linear, fuses_int8, quantize_model
 
-    model = quantize_model(load_model(folder, pack=True), "int8")
+    model = quantize_model(load_model(folder, convert=CpuLayout(pack=True)), "int8")
     attn = model.model.layers[0].self_attn
     assert not any(isinstance(m, FusedLinear) for m in model.modules())
     if fuses_int8():
@@ -137,7 +138,7 @@ def test_packed_model_matches_plain_model(folder, images, dtype):
 
 
 def test_packing_while_loading_equals_packing_after(folder, images):
-    streamed = load_model(folder, pack=True)
+    streamed = load_model(folder, convert=CpuLayout(pack=True))
     after = pack_for_cpu(load_model(folder))
     assert type(streamed.lm_head) is PackedOutput
     kinds = lambda m: [type(x).__name__ for x in m.modules()]  # noqa: E731

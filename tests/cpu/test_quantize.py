@@ -13,8 +13,8 @@ from idefics.checkpoint import load_model
 from idefics.cli import build_parser
 from idefics.cpu.ops import run_together
 from idefics.cpu.packing import FusedPart, unfuse
-from idefics.cpu.quantize import (FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, fuses_int8, quantize_model,
-                                  quantize_rows, quantized_bytes, target_linears)
+from idefics.cpu.quantize import (CpuLayout, FusedInt8Linear, Int4Linear, Int8Linear, fuse_int8, fuses_int8,
+                                  quantize_model, quantize_rows, quantized_bytes, target_linears)
 from idefics.layers import SwiGLU
 
 
@@ -116,7 +116,7 @@ def test_quantized_model_is_close_to_float_model(folder, images, mode, tolerance
 
 
 def test_quantize_while_loading_equals_quantize_after(folder, images):
-    streamed = load_model(folder, dtype="bfloat16", quantize="int8", pack=True)  # as idefics.load loads
+    streamed = load_model(folder, dtype="bfloat16", convert=CpuLayout("int8", pack=True))  # as idefics.load loads
     after = quantize_model(load_model(folder, dtype="bfloat16"), "int8")
     assert streamed.quantization == "int8"
     fused = fuses_int8()  # int8 q/k/v and gate/up fused while loading, as quantize_model fuses them
@@ -146,7 +146,7 @@ def test_load_and_cli_accept_quantize(folder):
     args = build_parser().parse_args(["generate", "--quantize", "int4", "hi"])
     assert args.quantize == "int4"
     with pytest.raises(ValueError, match="quantize mode"):
-        load_model(folder, quantize="int3")
+        load_model(folder, convert=CpuLayout("int3"))
     pipe = idefics.load(folder, quantize="int4")
     assert pipe.model.quantization == "int4"
     assert isinstance(pipe.generate(["The quick brown fox"], max_new_tokens=3), list)
