@@ -7,22 +7,18 @@ attention kernel. The checks that decide it run once per layer per generation (`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from . import kernels
 from .packing import fused_of
 
-if TYPE_CHECKING:
-    from ..cross_attention import GatedCrossAttentionLayer
-    from ..language_model import DecoderLayer
-    from ..layers import KVCache, RMSNorm
+# The layers are named in the docstrings, not imported: the model imports this package (through `ops`), never the
+# other way round.
 
 
-def decoder_layer_step(layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       mask: torch.Tensor | None, cache: KVCache, index: int) -> torch.Tensor | None:
+def decoder_layer_step(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       mask: torch.Tensor | None, cache, index: int) -> torch.Tensor | None:
     """A decoding step of `layer` (`language_model.DecoderLayer`, number `index` in `cache`) as one C++ op, writing
     the new position into the cache; None where the step does not apply."""
     plan = step_plan(cache.step_plans, layer, x, lambda: _decoder_layer_arguments(layer, x, rope, cache))
@@ -34,8 +30,8 @@ def decoder_layer_step(layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.T
     return kernels.decoder_layer_step(x, *head, *rope, cache.keys, cache.values, index, start, mask, scales)
 
 
-def _decoder_layer_arguments(layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                             cache: KVCache):
+def _decoder_layer_arguments(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                             cache):
     """`kernels.decoder_layer_step`'s arguments before the rotary tables, and the int8 scales; None: no C++ step."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = fused_of(attn.q_proj, attn.k_proj, attn.v_proj), fused_of(mlp.gate_proj, mlp.up_proj)
@@ -50,7 +46,7 @@ def _decoder_layer_arguments(layer: DecoderLayer, x: torch.Tensor, rope: tuple[t
             mlp.down_proj.in_features), scales
 
 
-def gated_cross_attention_step(layer: GatedCrossAttentionLayer, x: torch.Tensor,
+def gated_cross_attention_step(layer: nn.Module, x: torch.Tensor,
                                kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                                gate: torch.Tensor | None, plans: dict | None = None) -> torch.Tensor | None:
     """One position per row of `layer` (`cross_attention.GatedCrossAttentionLayer`) as one C++ op; None where the
@@ -68,7 +64,7 @@ def gated_cross_attention_step(layer: GatedCrossAttentionLayer, x: torch.Tensor,
     return kernels.gated_cross_attention_step(x, *head, k, v, mask, gate, *tail)
 
 
-def _gated_cross_attention_arguments(layer: GatedCrossAttentionLayer, x: torch.Tensor,
+def _gated_cross_attention_arguments(layer: nn.Module, x: torch.Tensor,
                                      kv: tuple[torch.Tensor, torch.Tensor] | None):
     """`kernels.gated_cross_attention_step`'s arguments before the image keys and after the gate (alphas, int8
     scales); None: no C++ step."""
@@ -90,7 +86,7 @@ def _gated_cross_attention_arguments(layer: GatedCrossAttentionLayer, x: torch.T
     return head, (layer.alpha_cross_attn, layer.alpha_dense, scales)
 
 
-def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: RMSNorm, post_norm: RMSNorm,
+def kernel_weights(x: torch.Tensor, linears: tuple[nn.Module, ...], input_norm: nn.Module, post_norm: nn.Module,
                    *others: torch.Tensor) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]] | None:
     """The weights and int8 scales of a layer's `linears` as its C++ decoding step takes them, or None when the
     step does not apply: the linears all in x's dtype without bias (`packing`), or all int8 (`quantize.Int8Linear`,
