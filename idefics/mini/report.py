@@ -62,18 +62,17 @@ def test_questions(data: Path, per_type: int) -> list[dict]:
 
 @contextlib.contextmanager
 def gates_closed(model: torch.nn.Module) -> Iterator[None]:
-    """Every tanh gate at 0: the language model alone (the ablation)."""
-    layers = model.model.gated_cross_attn_layers
-    saved = [(layer.alpha_cross_attn.data.clone(), layer.alpha_dense.data.clone()) for layer in layers]
-    for layer in layers:
-        layer.alpha_cross_attn.data.zero_()
-        layer.alpha_dense.data.zero_()
+    """Every tanh gate at 0 (cross-attention, dense and the word path): the language model alone (the ablation)."""
+    gates = [p for layer in model.model.gated_cross_attn_layers for name, p in layer.named_parameters()
+             if name.startswith("alpha_")]
+    saved = [p.data.clone() for p in gates]
+    for p in gates:
+        p.data.zero_()
     try:
         yield
     finally:
-        for layer, (a, d) in zip(layers, saved):
-            layer.alpha_cross_attn.data.copy_(a)
-            layer.alpha_dense.data.copy_(d)
+        for p, value in zip(gates, saved):
+            p.data.copy_(value)
 
 
 def answer_all(pipe, questions: list[dict], label: str) -> list[str]:

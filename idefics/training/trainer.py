@@ -168,134 +168,174 @@ def micro_batches(rows: list, size: int) -> list[list]:
 
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the training run described by `config`; returns a summary."""
-    tc, dc = config.train, config.data
-    info = dist_utils.setup(tc.distributed, tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    out_dir = Path(config.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if list_checkpoints(ckpt_root) and not resume:
-            raise ResumeError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+    run = Run(config, resume)
+    run.loop()
+    return run.finish()
+
+
+class Run:
+    """One training run: the model and optimizer, the data streams, the checkpoints and the log. Every process of
+    a distributed run holds one; `loop` runs the steps, `finish` saves, exports and summarises."""
+
+    def __init__(self, config: RunConfig, resume: bool) -> None:
+        tc, dc = config.train, config.data
+        self.config, self.tc, self.dc = config, tc, dc
+        self.info = info = dist_utils.setup(tc.distributed, tc.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.out_dir = Path(config.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if list_checkpoints(self.ckpt_root) and not resume:
+                raise ResumeError(f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, "
                                   "or choose another out_dir")
-    dist_utils.barrier(info)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+        dist_utils.barrier(info)
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        self.build_model()
+        rows, remainder = divmod(tc.batch_size, info.world_size)
+        self.rows_per_process, self.micro = rows, tc.micro_batch_size or rows
+        if remainder or rows % self.micro:
+            raise ValueError(f"train.batch_size {tc.batch_size} must split evenly over {info.world_size} processes "
+                             f"and micro-batches of {self.micro} rows")
+        self.encoder = SampleEncoder(self.tokenizer, self.images, dc.seq_len, dc.max_images)
+        self.collate = Collator(self.tokenizer.pad_token_id, self.encoder.image_token_id, self.tokenizer.eos_token_id,
+                                self.images.size, dc.seq_len if dc.pad_to_seq_len else None)
+        self.data = self.stream(config.sources, dc.shuffle)
+        self.metrics = TrainingLog(self.out_dir, info.is_main)
+        self.start_step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.done, self.last_loss = 0, float("nan")
+        amp = autocast_dtype(tc.precision, info.device)
+        self.autocast = (lambda: torch.autocast(info.device.type, dtype=amp)) if amp else contextlib.nullcontext
+        if resume and list_checkpoints(self.ckpt_root):
+            self.resume(list_checkpoints(self.ckpt_root))
+        self.done = self.start_step
 
-    tokenizer_dir = out_dir / "tokenizer" if info.is_main else out_dir / f".tokenizer-rank{info.rank}"
-    model, tokenizer, images = setup_model(config, tokenizer_dir)
-    if config.lora and info.mode == "fsdp":
-        raise ValueError("LoRA with FSDP is not supported (merging needs unsharded weights): use DDP or one process")
-    model.to(info.device)
-    model.train()
-    fingerprint = frozen_fingerprint(model)  # before FSDP turns parameters into shards
-    loss_model = dist_utils.wrap(LossModel(model), info)
-    trainable = [p for p in loss_model.parameters() if p.requires_grad]
-    groups = param_groups(loss_model, tc.weight_decay, tc.gate_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
-    rows_per_process, remainder = divmod(tc.batch_size, info.world_size)
-    micro = tc.micro_batch_size or rows_per_process
-    if remainder or rows_per_process % micro:
-        raise ValueError(f"train.batch_size {tc.batch_size} must split evenly over {info.world_size} processes "
-                         f"and micro-batches of {micro} rows")
+    def build_model(self) -> None:
+        config, info, tc = self.config, self.info, self.tc
+        name = "tokenizer" if info.is_main else f".tokenizer-rank{info.rank}"
+        self.tokenizer_dir = self.out_dir / name
+        self.model, self.tokenizer, self.images = setup_model(config, self.tokenizer_dir)
+        if config.lora and info.mode == "fsdp":
+            raise ValueError("LoRA with FSDP is not supported (merging needs unsharded weights): use DDP or one "
+                             "process")
+        self.model.to(info.device)
+        self.model.train()
+        self.fingerprint = frozen_fingerprint(self.model)  # before FSDP turns parameters into shards
+        self.loss_model = dist_utils.wrap(LossModel(self.model), info)
+        self.trainable = [p for p in self.loss_model.parameters() if p.requires_grad]
+        groups = param_groups(self.loss_model, tc.weight_decay, tc.gate_lr_scale)
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
 
-    encoder = SampleEncoder(tokenizer, images, dc.seq_len, dc.max_images)
-    collate = Collator(tokenizer.pad_token_id, encoder.image_token_id, tokenizer.eos_token_id, images.size,
-                       dc.seq_len if dc.pad_to_seq_len else None)
-
-    def stream(sources: list[SourceSpec], shuffle: bool, rows: int) -> BatchStream:
-        return BatchStream(sources, encoder, rows_per_step=rows, pack=dc.pack, rank=info.rank,
-                           world_size=info.world_size, split=dc.split, seed=tc.seed, shuffle=shuffle,
+    def stream(self, sources: list[SourceSpec], shuffle: bool, split: str | None = None) -> BatchStream:
+        info, dc = self.info, self.dc
+        return BatchStream(sources, self.encoder, rows_per_step=self.rows_per_process, pack=dc.pack, rank=info.rank,
+                           world_size=info.world_size, split=split or dc.split, seed=self.tc.seed, shuffle=shuffle,
                            shuffle_buffer=dc.shuffle_buffer, on_error=dc.on_error)
 
-    data = stream(config.sources, dc.shuffle, rows_per_process)
-    metrics = TrainingLog(out_dir, info.is_main)
-    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-    checkpoints = list_checkpoints(ckpt_root) if resume else []
-    if checkpoints:
+    def resume(self, checkpoints: list[Path]) -> None:
+        info = self.info
         trainable_state, optim_state, state, rngs = load_newest(checkpoints)
-        if state["frozen_fingerprint"] != fingerprint:
+        if state["frozen_fingerprint"] != self.fingerprint:
             raise ResumeError(f"{checkpoints[-1]} was trained on other frozen weights (fingerprint "
-                                  f"{state['frozen_fingerprint']} vs {fingerprint}): model config changed?")
-        if state["world_size"] != info.world_size and dc.split == "shards":
+                              f"{state['frozen_fingerprint']} vs {self.fingerprint}): model config changed?")
+        if state["world_size"] != info.world_size and self.dc.split == "shards":
             raise ResumeError(f"{checkpoints[-1]} was written by {state['world_size']} processes; with "
-                                  "data.split=shards resume with the same number")
-        dist_utils.load_full_state(loss_model, optimizer, {"model." + k: v for k, v in trainable_state.items()},
-                                   optim_state)
-        data.load_state_dict(state["data"][info.rank % len(state["data"])])
+                              "data.split=shards resume with the same number")
+        dist_utils.load_full_state(self.loss_model, self.optimizer,
+                                   {"model." + k: v for k, v in trainable_state.items()}, optim_state)
+        self.data.load_state_dict(state["data"][info.rank % len(state["data"])])
         set_rng_state(rngs[info.rank % len(rngs)])
-        start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        metrics.truncate(start_step)
+        self.start_step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        self.metrics.truncate(self.start_step)
         if info.is_main:
-            print(f"resumed from {checkpoints[-1]} at step {start_step}")
+            print(f"resumed from {checkpoints[-1]} at step {self.start_step}")
 
-    def save(step: int) -> None:
-        model_state, optim_state = dist_utils.full_state(loss_model, optimizer)
-        data_states = dist_utils.all_gather_object(data.state_dict(), info)
+    def save(self, step: int) -> None:
+        info, tc = self.info, self.tc
+        model_state, optim_state = dist_utils.full_state(self.loss_model, self.optimizer)
+        data_states = dist_utils.all_gather_object(self.data.state_dict(), info)
         rngs = dist_utils.all_gather_object(rng_state(), info)
         if info.is_main:
             trainable_state = {k.removeprefix("model."): v for k, v in model_state.items()}
-            state = {"step": step, "tokens": tokens_seen, "elapsed": elapsed_before + time.time() - t_start,
-                     "data": data_states, "world_size": info.world_size, "frozen_fingerprint": fingerprint,
+            state = {"step": step, "tokens": self.tokens_seen,
+                     "elapsed": self.elapsed_before + time.time() - self.t_start,
+                     "data": data_states, "world_size": info.world_size, "frozen_fingerprint": self.fingerprint,
                      "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
                                   "final_lr": tc.final_lr},
-                     "config": config.to_dict()}
-            save_checkpoint(ckpt_root, step, trainable_state, optim_state, state, rngs, tc.keep_checkpoints)
+                     "config": self.config.to_dict()}
+            save_checkpoint(self.ckpt_root, step, trainable_state, optim_state, state, rngs, tc.keep_checkpoints)
         dist_utils.barrier(info)
 
-    amp = autocast_dtype(tc.precision, info.device)
-    autocast = (lambda: torch.autocast(info.device.type, dtype=amp)) if amp else contextlib.nullcontext
-
-    def forward(batch: dict[str, torch.Tensor]):
-        if info.mode == "fsdp":  # every process must run the image path (see with_blank_image)
-            batch = with_blank_image(batch, encoder.image_token_id)
-        batch = {k: v.to(info.device) for k, v in batch.items()}
-        with autocast():
-            return loss_model(**batch)
+    def forward(self, batch: dict[str, torch.Tensor]):
+        if self.info.mode == "fsdp":  # every process must run the image path (see with_blank_image)
+            batch = with_blank_image(batch, self.encoder.image_token_id)
+        batch = {k: v.to(self.info.device) for k, v in batch.items()}
+        with self.autocast():
+            return self.loss_model(**batch)
 
     @torch.no_grad()
-    def validate() -> float | None:
-        if config.data.val is None:
+    def validate(self) -> float | None:
+        if self.config.data.val is None:
             return None
-        loss_model.eval()
+        self.loss_model.eval()
         # Every shard is a source of an evenly weighted mixture, so the first `val_batches` batches mix all
         # the validation shards (read one after the other they would be the first shard's only); every
         # process reads all of it and keeps its rows: the same rows whatever the process count.
-        shards = [SourceSpec(f"val{i}", path, 1.0, 1) for i, path in enumerate(expand_shards(config.data.val))]
-        val = BatchStream(shards, encoder, rows_per_step=rows_per_process,
-                          pack=dc.pack, rank=info.rank, world_size=info.world_size, split="batch", seed=tc.seed,
-                          shuffle=False, on_error=dc.on_error)
+        shards = [SourceSpec(f"val{i}", path, 1.0, 1) for i, path in enumerate(expand_shards(self.config.data.val))]
+        val = self.stream(shards, shuffle=False, split="batch")
         total = torch.zeros(3, dtype=torch.float64)
-        for _ in range(tc.val_batches):
+        for _ in range(self.tc.val_batches):
             rows = val.next_rows()
             if rows is None:
                 break
-            for chunk in micro_batches(rows, micro):
-                ce, z, n = forward(collate(chunk))
+            for chunk in micro_batches(rows, self.micro):
+                ce, z, n = self.forward(self.collate(chunk))
                 total += torch.stack([ce.detach().double().cpu(), z.detach().double().cpu(), n.double().cpu()])
-        loss_model.train()
-        total = dist_utils.all_reduce_sum(total.to(info.device), info).cpu()
-        return float((total[0] + tc.z_loss * total[1]) / total[2]) if total[2] > 0 else None
+        self.loss_model.train()
+        total = dist_utils.all_reduce_sum(total.to(self.info.device), self.info).cpu()
+        return float((total[0] + self.tc.z_loss * total[1]) / total[2]) if total[2] > 0 else None
 
-    bar = None
-    if info.is_main and tc.progress:
-        from tqdm import tqdm
+    def loop(self) -> None:
+        tc, info = self.tc, self.info
+        bar = None
+        if info.is_main and tc.progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    t_start = time.time()
-    done, last_loss = start_step, float("nan")
-    for step in range(start_step, tc.steps):
-        t0 = time.time()
-        rows = data.next_rows()
-        # every process must stop at the same step, or the others would wait for it forever
-        ran_out = dist_utils.all_reduce_sum(torch.tensor(float(rows is None)).to(info.device), info)
-        if float(ran_out) > 0:
-            if info.is_main:
-                print(f"the training data ran out at step {step} (sources with epochs: null cycle forever)")
-            break
-        batches = [collate(chunk) for chunk in micro_batches(rows, micro)]
+            bar = tqdm(total=tc.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.t_start = time.time()
+        for step in range(self.start_step, tc.steps):
+            t0 = time.time()
+            rows = self.data.next_rows()
+            # every process must stop at the same step, or the others would wait for it forever
+            ran_out = dist_utils.all_reduce_sum(torch.tensor(float(rows is None)).to(info.device), info)
+            if float(ran_out) > 0:
+                if info.is_main:
+                    print(f"the training data ran out at step {step} (sources with epochs: null cycle forever)")
+                break
+            lr, loss_parts, n_targets, step_tokens, grad_norm = self.step(step, rows)
+            dt = time.time() - t0
+            ce_mean, z_mean = loss_parts
+            self.last_loss = ce_mean + tc.z_loss * z_mean
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                self.metrics.log({"split": "train", "step": step + 1, "loss": self.last_loss, "ce": ce_mean,
+                                  "z": z_mean, "lr": lr, "grad_norm": grad_norm, "targets": int(n_targets),
+                                  "tokens": int(step_tokens), "tokens_per_s": step_tokens / dt, "step_time": dt,
+                                  "skipped": self.data.errors, **gate_values(self.model)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            self.done = step + 1
+            self.after_step()
+        if bar is not None:
+            bar.close()
+
+    def step(self, step: int, rows: list) -> tuple[float, tuple[float, float], float, float, float]:
+        """One optimizer step on this process's rows: (lr, (ce, z) per target, targets, tokens, gradient norm)."""
+        tc, info = self.tc, self.info
+        batches = [self.collate(chunk) for chunk in micro_batches(rows, self.micro)]
         # every micro-batch's loss is divided by the step's target count over all processes
         local = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in batches]).sum()
         n_targets = float(dist_utils.all_reduce_sum(local.to(info.device), info))
@@ -305,59 +345,53 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             if info.mode == "fsdp":  # reduce-scatter gradients once per step, not once per micro-batch
-                loss_model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or info.mode != "ddp" else loss_model.no_sync()
+                self.loss_model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or info.mode != "ddp" else self.loss_model.no_sync()
             with sync:
-                ce, z, _ = forward(batch)
+                ce, z, _ = self.forward(batch)
                 loss = (ce + tc.z_loss * z) / n_targets * (info.world_size if info.active else 1)
                 loss.backward()
             sums += torch.stack([ce.detach().double().cpu(), z.detach().double().cpu()])
         sums = dist_utils.all_reduce_sum(sums.to(info.device), info).cpu()
-        grad_norm = dist_utils.clip_grad_norm(trainable, tc.grad_clip)
+        grad_norm = dist_utils.clip_grad_norm(self.trainable, tc.grad_clip)
         lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.final_lr)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         step_tokens = float(dist_utils.all_reduce_sum(
             torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches))).to(info.device), info))
-        tokens_seen += int(step_tokens)
-        dt = time.time() - t0
-        ce_mean, z_mean = float(sums[0]) / n_targets, float(sums[1]) / n_targets
-        last_loss = ce_mean + tc.z_loss * z_mean
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            metrics.log({"split": "train", "step": step + 1, "loss": last_loss, "ce": ce_mean, "z": z_mean,
-                         "lr": lr, "grad_norm": grad_norm, "targets": int(n_targets), "tokens": int(step_tokens),
-                         "tokens_per_s": step_tokens / dt, "step_time": dt, "skipped": data.errors,
-                         **gate_values(model)})
-        if bar is not None:
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.2e}")
-            bar.update(1)
-        done = step + 1
+        self.tokens_seen += int(step_tokens)
+        return lr, (float(sums[0]) / n_targets, float(sums[1]) / n_targets), n_targets, step_tokens, grad_norm
+
+    def after_step(self) -> None:
+        """Validation and checkpoints on their schedules."""
+        tc, done = self.tc, self.done
         if tc.eval_every and done % tc.eval_every == 0:
-            val_loss = validate()
+            val_loss = self.validate()
             if val_loss is not None:
-                metrics.log({"split": "val", "step": done, "loss": val_loss})
-            metrics.plot()
+                self.metrics.log({"split": "val", "step": done, "loss": val_loss})
+            self.metrics.plot()
         if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
-            save(done)
-            metrics.plot()
-    if bar is not None:
-        bar.close()
-    if done > start_step:
-        save(done)
-    metrics.plot()
-    exported = finish(config, loss_model, model, tokenizer_dir, images, info)
-    summary = {"steps": done, "loss": last_loss if math.isfinite(last_loss) else None, "tokens": tokens_seen,
-               "skipped": data.errors, "export": str(exported) if exported else None, "rank": info.rank}
-    summary_path = out_dir / "summary.json"
-    if done == start_step and summary_path.exists():  # a finished run resumed: nothing new to report
-        summary = {**json.loads(summary_path.read_text()), "export": summary["export"], "rank": info.rank}
-    if info.is_main:
-        summary_path.write_text(json.dumps(summary, indent=1, allow_nan=False))
-    dist_utils.teardown()
-    return summary
+            self.save(done)
+            self.metrics.plot()
+
+    def finish(self) -> dict[str, Any]:
+        """The last checkpoint, the export and `summary.json` (kept as it was when a finished run is resumed)."""
+        if self.done > self.start_step:
+            self.save(self.done)
+        self.metrics.plot()
+        exported = finish(self.config, self.loss_model, self.model, self.tokenizer_dir, self.images, self.info)
+        summary = {"steps": self.done, "loss": self.last_loss if math.isfinite(self.last_loss) else None,
+                   "tokens": self.tokens_seen, "skipped": self.data.errors,
+                   "export": str(exported) if exported else None, "rank": self.info.rank}
+        summary_path = self.out_dir / "summary.json"
+        if self.done == self.start_step and summary_path.exists():  # a finished run resumed: nothing new
+            summary = {**json.loads(summary_path.read_text()), "export": summary["export"], "rank": self.info.rank}
+        if self.info.is_main:
+            summary_path.write_text(json.dumps(summary, indent=1, allow_nan=False))
+        dist_utils.teardown()
+        return summary
 
 
 def finish(config: RunConfig, loss_model: torch.nn.Module, model: torch.nn.Module, tokenizer_dir: Path,
