@@ -29,7 +29,7 @@ async def models(request: Request):
 @router.post("/chat/completions")
 async def chat(request: Request):
     service = service_of(request)
-    service.refuse_if_full()
+    await service.refuse_if_full()
     req = parse_chat_request(await service.read_json(request), service.limits, service.end_of_turn)
     job, queue = await service.submit(req)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -54,7 +54,7 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     """The error in the JSON of the route's API, with the headers clients act on."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
     if error.status == 429:
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = f"{max(1, round(request.app.state.service.settings.overload_delay))}"
     if error.status in (424, 504):
         headers["x-should-retry"] = "false"  # retrying the same request would fail the same way
     body = openai_error(error) if request.url.path.startswith("/v1") else tgi_error(error)
@@ -170,6 +170,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "has to send its request headers (default: %(default)s)")
     p.add_argument("--body-timeout", type=float, default=d_settings.body_timeout, help="seconds to receive a "
                    "request body (default: %(default)s)")
+    p.add_argument("--overload-delay", type=float, default=d_settings.overload_delay, help="seconds a 429 (server "
+                   "full) is held before it is sent, so clients that retry at once do not flood the server "
+                   "(default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV})")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     p.set_defaults(func=serve)
@@ -185,7 +188,7 @@ def settings_from_args(args: argparse.Namespace, model_name: str) -> ServerSetti
                           max_queue=args.max_queue, request_timeout=args.request_timeout,
                           image_hosts=tuple(args.allow_image_urls) if args.allow_image_urls else None,
                           image_fetch_timeout=args.image_fetch_timeout, body_timeout=args.body_timeout,
-                          header_timeout=args.header_timeout,
+                          header_timeout=args.header_timeout, overload_delay=args.overload_delay,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 

@@ -33,6 +33,7 @@ class ServerSettings:
     validation_workers: int = 2  # requests whose text and images are checked at the same time
     body_timeout: float = 30.0  # seconds to receive a whole request body
     header_timeout: float = 10.0  # seconds a new connection has to send its request headers
+    overload_delay: float = 1.0  # seconds a 429 is held (its Retry-After)
 
 
 def fit_limits(limits: Limits, context: int) -> Limits:
@@ -61,9 +62,12 @@ class Service:
         self.end_of_turn = "<end_of_utterance>" if pipe.tokenizer.has_end_of_utterance else ""
         self.fingerprint = f"idefics-{__version__}"
 
-    def refuse_if_full(self) -> None:
-        """429 before the body is read or parsed: refusing must cost far less than serving."""
+    async def refuse_if_full(self) -> None:
+        """429 before the body is read or parsed, held for `overload_delay` seconds first: a client that retries
+        at once without backoff then waits as `Retry-After` asks, instead of turning refusals into a flood that
+        takes the CPU from the requests being served."""
         if self.engine.in_flight + self.validating >= self.engine.capacity:
+            await asyncio.sleep(self.settings.overload_delay)
             raise overloaded()
 
     async def read_json(self, request: Request) -> dict:
@@ -99,7 +103,7 @@ class Service:
 
     async def submit(self, req: GenerationRequest) -> tuple[Job, asyncio.Queue]:
         """Check and prepare the request in a worker thread, then queue it (429 when the server is full)."""
-        self.refuse_if_full()
+        await self.refuse_if_full()
         arrived = time.monotonic()
         prepared = await self.in_worker(prepare, self.pipe, req, self.limits, self.policy)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()

@@ -25,7 +25,7 @@ guarded = [Depends(authorized)]
 async def tgi_generate(request: Request, stream: bool | None):
     """`stream` None: the compat route `/`, whose body says whether to stream and whose answer is a list."""
     service = service_of(request)
-    service.refuse_if_full()
+    await service.refuse_if_full()
     req = parse_tgi_request(await service.read_json(request), service.limits)
     job, queue = await service.submit(req)
     if stream if stream is not None else req.stream:
