@@ -185,12 +185,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m idefics.serving.server serve ...` on a free loopback port, stopped by its own pid."""
+    """`python -m idefics.cli serve ...` (`idefics serve`) on a free loopback port, stopped by its own pid."""
 
     def __init__(self, model: str, batch_size: int, queue: int, threads: int | None, api_key: str,
                  dtype: str | None = None) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "idefics.serving.server", "serve", "--model", model, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "idefics.cli", "serve", "--model", model, "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-batch-size", str(batch_size), "--max-queue", str(queue),
                    "--api-key", api_key, "--log-level", "warning"]
         if threads:

@@ -201,15 +201,3 @@ def serve(args: argparse.Namespace) -> None:
         print(f"warning: listening on {args.host} without an API key (--api-key or {API_KEY_ENV})")
     uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level=args.log_level,
                 http=http_protocol(settings.header_timeout))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m idefics.serving.server serve ...` (the same as `idefics serve ...`)."""
-    parser = argparse.ArgumentParser(prog="idefics")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()
