@@ -92,22 +92,33 @@ def word_embeddings(embed_weight: torch.Tensor, tokenizer) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+ARTICLE_SLOTS = 6  # from this many word slots on, the last two hold the article: " An"/" A" and " an"/" a"
+
+
 def word_token_ids(tokenizer, slots: int) -> torch.Tensor:
-    """[classes, slots] token ids, -1 where empty: the first `slots - 1` tokens of " name", then the first token
-    of " kind" (empty where the class has no kind or the kind is already in the name, as in `describe`); one
-    slot: the name's first token. These are the words the model says when it names the class ("An Egyptian
-    Mau, a kind of cat.")."""
+    """[classes, slots] token ids, -1 where empty: the first tokens of " name", then the first token of " kind"
+    (empty where the class has no kind or the kind is already in the name, as in `describe`); with
+    ARTICLE_SLOTS or more, the last two slots hold the name's article, capitalised and not (" An", " an"; empty
+    for names that take none, as `with_article` decides). One slot: the name's first token. These are the words
+    the model says when it names the class ("An Egyptian Mau, a kind of cat.")."""
+    articles = slots >= ARTICLE_SLOTS
+    names = slots - 1 - (2 if articles else 0)
     rows = []
     for entry in class_table():
         name = tokenizer.encode(" " + entry["name"], add_special_tokens=False).ids
         if slots == 1:
             rows.append(name[:1])
             continue
-        name = name[:slots - 1]
+        name = name[:names]
         kind = entry["kind"]
         kind_ids = tokenizer.encode(" " + kind, add_special_tokens=False).ids[:1] \
             if kind and kind not in entry["name"].lower().split() else []
-        rows.append(name + [-1] * (slots - 1 - len(name)) + (kind_ids or [-1]))
+        row = name + [-1] * (names - len(name)) + (kind_ids or [-1])
+        if articles:
+            article = with_article(entry["name"])[:-len(entry["name"])].strip()  # "an", "a" or ""
+            row += [tokenizer.encode(" " + word, add_special_tokens=False).ids[0] if article else -1
+                    for word in (article.capitalize(), article)]
+        rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
 

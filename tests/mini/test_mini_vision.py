@@ -199,7 +199,7 @@ def test_word_path_adds_the_chosen_attended_word_at_the_gate_and_nothing_when_cl
 
 
 def test_word_ids_are_the_name_tokens_then_the_kind():
-    words = sorted({w for c in class_table() for w in f"{c['name']} {c['kind']}".split()})
+    words = sorted({w for c in class_table() for w in f"{c['name']} {c['kind']}".split()} | {"A", "a", "An", "an"})
     vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = Whitespace()
@@ -207,6 +207,9 @@ def test_word_ids_are_the_name_tokens_then_the_kind():
     assert ids.shape == (1000, 4)
     assert ids[285].tolist() == [vocab["Egyptian"], vocab["Mau"], -1, vocab["cat"]]  # an Egyptian Mau, a cat
     assert ids[281].tolist() == [vocab["tabby"], vocab["cat"], -1, -1]  # the kind is already in the name
+    with_articles = word_token_ids(tokenizer, 6)  # then the article, capitalised and not
+    assert with_articles[285].tolist() == [vocab["Egyptian"], vocab["Mau"], -1, vocab["cat"], vocab["An"], vocab["an"]]
+    assert with_articles[872].tolist()[-2:] == [vocab["A"], vocab["a"]]  # a tripod
     weight = torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(0))
     table = word_embeddings(weight, tokenizer)
     expected = weight[vocab["Egyptian"]]
