@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from idefics.generation import GenerationParams, choose
-from tests.serving.helpers import (alone, hold, live_server, one_thread, pipe, server_full,  # noqa: F401
-                                   wait_for)
+from tests.serving.helpers import (alone, card_prompt, data_uri, hold, live_server, one_thread, pipe,  # noqa: F401
+                                   server_full, wait_for)
 
 openai = pytest.importorskip("openai")
+text_generation = pytest.importorskip("text_generation")
 
 
 def resident_bytes() -> int:
@@ -51,26 +52,30 @@ def test_a_request_failing_in_the_engine_fails_alone(pipe, images):
         engine.next_token = faulty
         gate = threading.Event()
         hold(engine, gate=gate)  # the four requests join one batch before the first step
-        from tests.serving.helpers import card_prompt, data_uri
+        client = text_generation.Client(url, timeout=120)
+        answers: dict[int, object] = {}
 
-        answers: dict[int, httpx.Response] = {}
+        def ask(i: int, question: str, **settings) -> None:
+            try:
+                answers[i] = client.generate(card_prompt(data_uri(images[i]), question), max_new_tokens=8,
+                                             **settings).generated_text
+            except Exception as error:  # the faulty request's error, as its client sees it
+                answers[i] = error
 
-        def ask(i: int, body: dict) -> None:
-            answers[i] = httpx.post(f"{url}/generate", json=body, timeout=120)
-
-        bodies = [{"inputs": card_prompt(data_uri(images[i]), q), "parameters": {"max_new_tokens": 8}}
-                  for i, q in enumerate(questions)]
-        bodies.append({"inputs": card_prompt(data_uri(images[3])),
-                       "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 666}})
-        threads = [threading.Thread(target=ask, args=(i, b)) for i, b in enumerate(bodies)]
+        threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(questions)]
+        threads.append(threading.Thread(target=ask, args=(3, "Describe this image."),
+                                        kwargs={"do_sample": True, "seed": 666}))
         for t in threads:
             t.start()
         wait_for(lambda: engine.in_flight == 4)
         gate.set()
         for t in threads:
             t.join(timeout=120)
-        assert answers[3].status_code == 424 and "injected fault" in answers[3].json()["error"]
-        assert [answers[i].json()["generated_text"] for i in range(3)] == expected
+        assert isinstance(answers[3], text_generation.errors.GenerationError) and "injected fault" in str(answers[3])
+        assert [answers[i] for i in range(3)] == expected
+        # settings that would make the sampling distribution NaN are refused before the request is queued
+        with pytest.raises(text_generation.errors.ValidationError, match="temperature"):
+            client.generate(card_prompt(data_uri(images[0])), max_new_tokens=2, do_sample=True, temperature=1e-300)
         assert httpx.get(f"{url}/health").status_code == 200
 
 
@@ -192,8 +197,6 @@ def test_openapi_schema_is_behind_the_key(pipe):
 
 
 def test_openai_answers_end_before_the_stop_text(pipe, images):
-    from tests.serving.helpers import data_uri
-
     full = alone(pipe, images[0], "What is in the image?", max_new_tokens=12).text
     stop = full[len(full) // 2:len(full) // 2 + 3]
     assert stop and stop.strip(), f"no stop text to cut {full!r} at"
