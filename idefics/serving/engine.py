@@ -170,9 +170,10 @@ class Engine:
                 if self.rows:
                     self.step()
         except Exception as error:  # a failed batch step fails its requests, not the server
+            failure = request_failed(error)
             for job in joining:
-                self.finish_job(job, request_failed(error))
-            self.fail_all(request_failed(error).message)
+                self.finish_job(job, failure)
+            self.fail_all(failure.message)
 
     def finish_job(self, job: Job, event: Any = None) -> None:
         if job.finished:
@@ -238,20 +239,22 @@ class Engine:
         self.steps += 1
         logits = self.state.logits
         logprobs = logits.log_softmax(-1)
-        tokens: list[int | Exception] = []
+        tokens, failed = [], set()
         for i, row in enumerate(self.rows):
             try:  # one request's settings (penalties, sampling) must not fail the others
                 tokens.append(self.next_token(row, logits[i:i + 1]))
             except Exception as error:
-                tokens.append(error)
-        chosen = torch.tensor([t if isinstance(t, int) else 0 for t in tokens], device=logits.device)
+                tokens.append(0)
+                failed.add(i)
+                self.finish_job(row.job, request_failed(error))
+        chosen = torch.tensor(tokens, device=logits.device)
         picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
         keep = []
         now = time.monotonic()
         for i, row in enumerate(self.rows):
+            if i in failed:
+                continue
             try:
-                if isinstance(tokens[i], Exception):
-                    raise tokens[i]
                 finished = self.record(row, tokens[i], picked[i], logprobs[i])
             except Exception as error:
                 self.finish_job(row.job, request_failed(error))

@@ -187,6 +187,7 @@ def _field(data: dict, key: str, kind: str, default: Any, where: str = "") -> An
 MAX_JSON_DEPTH = 32  # the deepest request (an OpenAI chat with image parts) nests 6 levels
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 OPENING, CLOSING = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way a surrogate gets into decoded JSON
 
 
 def json_depth(raw: bytes | bytearray) -> int:
@@ -208,10 +209,11 @@ def parse_json_object(raw: bytes | bytearray) -> dict:
         raise ApiError(400, f"Failed to parse the request body as JSON: {error}", "validation") from None
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
-    try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid("the request contains invalid Unicode (a lone surrogate such as \\ud800)") from None
+    if SURROGATE_ESCAPE.search(raw):  # a pair is text; a lone surrogate ("\ud800") is not
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("the request contains invalid Unicode (a lone surrogate such as \\ud800)") from None
     return body
 
 
